@@ -1,0 +1,76 @@
+"""Typed errors. Each carries a message a user can act on; the CLI prints it as one line."""
+
+from __future__ import annotations
+
+
+class HyperSDKError(Exception):
+    """Base of every error this project raises on purpose."""
+
+    exit_code = 1
+
+
+class InvalidParameterError(HyperSDKError):
+    """A parameter given by the user is malformed or out of range."""
+
+    exit_code = 2
+
+
+class FormatError(HyperSDKError):
+    """A disk image is malformed, truncated or uses a feature we refuse."""
+
+    def __init__(self, path: str | None, problem: str):
+        self.path = path
+        self.problem = problem
+        super().__init__(f"{path}: {problem}" if path else problem)
+
+
+class UnsupportedFormatError(FormatError):
+    """The format (or one of its features) is not supported."""
+
+
+class SourceError(HyperSDKError):
+    """Reading from a source (hypervisor, cloud, local directory) failed."""
+
+
+class VMNotFoundError(SourceError):
+    """The requested VM does not exist on the source."""
+
+
+class DiskReadError(SourceError):
+    """A disk of the VM could not be read."""
+
+
+class SnapshotError(SourceError):
+    """A snapshot could not be taken, used or removed."""
+
+
+class TargetError(HyperSDKError):
+    """Writing to or reading from a storage target failed."""
+
+
+class TargetFullError(TargetError):
+    """The target ran out of space; nothing was published under the final name."""
+
+
+class ObjectNotFoundError(TargetError):
+    """The object asked for does not exist on the target."""
+
+
+class CredentialsError(HyperSDKError):
+    """Credentials are missing or were rejected."""
+
+
+class EndpointUnreachableError(HyperSDKError):
+    """A server could not be reached (wrong URL, network down, server gone)."""
+
+
+class CryptoError(HyperSDKError):
+    """Base of encryption errors."""
+
+
+class DecryptionError(CryptoError):
+    """Ciphertext could not be authenticated: wrong key, or tampered/truncated data."""
+
+
+class VerificationError(HyperSDKError):
+    """An export does not match its manifest."""

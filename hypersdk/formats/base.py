@@ -1,0 +1,122 @@
+"""The one contract every disk-format driver fills (like a qemu BlockDriver table).
+
+Read side: ``FormatDriver.open(reader)`` gives a ``DiskImage``: virtual size, the extents that may
+hold data, and random reads of the guest-visible bytes.
+
+Write side: ``plan(size, extents, options)`` decides the whole layout up front (headers, tables,
+where each data cluster goes) from the extent map alone, then ``write(source, layout, sink)``
+emits the bytes strictly in order into a ``Sink`` (never seeking), so the output can stream into
+an encryptor or a multipart upload. ``source`` is anything with ``read(offset, length)`` over the
+guest-visible bytes, normally a DiskImage or a source disk reader.
+
+The generic layer (convert, flows) never knows a format's guts.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
+
+from hypersdk.errors import InvalidParameterError
+from hypersdk.extents import ExtentMap
+from hypersdk.io import RangeReader, Sink
+
+Progress = Callable[[int], None]
+
+
+class Readable(Protocol):
+    size: int
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+
+class DiskImage(ABC):
+    """An opened image: the guest-visible disk, whatever the container format."""
+
+    format: ClassVar[str]
+
+    def __init__(self, reader: RangeReader, virtual_size: int):
+        self.reader = reader
+        self.name = reader.name
+        self.virtual_size = virtual_size
+
+    @property
+    def size(self) -> int:  # lets a DiskImage serve as a writer's source
+        return self.virtual_size
+
+    @abstractmethod
+    def extents(self) -> ExtentMap:
+        """Where data may be (allocated clusters, data runs). Outside them the disk reads as zeros
+        (or as the backing file, which a reader resolves itself). May include zero-filled data."""
+
+    @abstractmethod
+    def read(self, offset: int, length: int) -> bytes:
+        """Guest-visible bytes; reads past the end raise FormatError/ValueError."""
+
+    def info(self) -> dict:
+        """Format-specific details for ``hyperctl info`` (subformat, cluster size, backing...)."""
+        return {}
+
+    def check(self) -> list[str]:
+        """Consistency problems found (empty list: clean). Drivers override where they can."""
+        return []
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __enter__(self) -> DiskImage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class Layout:
+    """A planned output. ``total_size`` is the exact number of bytes ``write`` will emit."""
+
+    virtual_size: int
+    extents: ExtentMap
+    total_size: int
+    options: Mapping[str, str] = field(default_factory=dict)
+    # Small side files some formats need next to the main stream (e.g. a VMDK descriptor):
+    # name suffix -> bytes. Most formats leave it empty.
+    extra_files: dict[str, bytes] = field(default_factory=dict)
+
+
+class FormatDriver(ABC):
+    """One disk format. Subclasses set the class attributes and implement the four methods."""
+
+    name: ClassVar[str]
+    extensions: ClassVar[tuple[str, ...]] = ()
+    can_write: ClassVar[bool] = True
+    supports_backing: ClassVar[bool] = False  # can a written image defer to a base (deltas)?
+    option_names: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def probe(self, head: bytes, size: int) -> bool:
+        """True if ``head`` (the first 64 KiB, or less for small files) looks like this format."""
+
+    @abstractmethod
+    def open(self, reader: RangeReader) -> DiskImage: ...
+
+    def plan(self, size: int, extents: ExtentMap, options: Mapping[str, str] | None = None) -> Layout:
+        raise InvalidParameterError(f"format {self.name!r} cannot be written")
+
+    def write(
+        self, source: Readable, layout: Layout, out: Sink, progress: Progress | None = None
+    ) -> None:
+        raise InvalidParameterError(f"format {self.name!r} cannot be written")
+
+    def check_options(self, options: Mapping[str, str] | None) -> dict[str, str]:
+        """Reject option names this driver does not know, with the list it does."""
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(self.option_names))
+        if unknown:
+            known = ", ".join(self.option_names) or "none"
+            raise InvalidParameterError(
+                f"format {self.name!r} has no option {', '.join(unknown)} (known: {known})"
+            )
+        return options

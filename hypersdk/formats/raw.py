@@ -1,0 +1,60 @@
+"""RAW: the guest bytes as they are. Written sparse: zero blocks become holes on local files."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from hypersdk.blockmap import nonzero_extents
+from hypersdk.errors import FormatError
+from hypersdk.extents import ExtentMap
+from hypersdk.formats.base import DiskImage, FormatDriver, Layout, Progress, Readable
+from hypersdk.io import IO_CHUNK, FileRangeReader, RangeReader, Sink, read_ahead
+
+SPARSE_BLOCK = 4096
+
+
+class RawImage(DiskImage):
+    format = "raw"
+
+    def extents(self) -> ExtentMap:
+        if isinstance(self.reader, FileRangeReader):
+            return self.reader.allocated()
+        return ExtentMap.full(self.virtual_size)
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self.virtual_size:
+            raise FormatError(self.name, f"read {offset}+{length} beyond disk end {self.virtual_size}")
+        return self.reader.read(offset, length)
+
+
+class RawDriver(FormatDriver):
+    name = "raw"
+    extensions = (".raw", ".img")
+
+    def probe(self, head: bytes, size: int) -> bool:
+        return True  # anything is raw; the registry tries it last
+
+    def open(self, reader: RangeReader) -> DiskImage:
+        return RawImage(reader, reader.size)
+
+    def plan(self, size: int, extents: ExtentMap, options: Mapping[str, str] | None = None) -> Layout:
+        self.check_options(options)
+        if extents.has_zero_extents or extents.size != size:
+            raise FormatError(None, "raw images cannot hold a delta; write a full export")
+        return Layout(virtual_size=size, extents=extents, total_size=size)
+
+    def write(self, source: Readable, layout: Layout, out: Sink, progress: Progress | None = None) -> None:
+        pos = 0
+        for piece, data in read_ahead(source, layout.extents.split(IO_CHUNK)):
+            out.write_zeros(piece.offset - pos)
+            pos = piece.offset
+            for ext in nonzero_extents(data, piece.offset, SPARSE_BLOCK):
+                out.write_zeros(ext.offset - pos)
+                out.write(memoryview(data)[ext.offset - piece.offset : ext.end - piece.offset])
+                pos = ext.end
+            if progress:
+                progress(piece.length)
+        out.write_zeros(layout.virtual_size - pos)
+
+
+DRIVER = RawDriver()
