@@ -1,0 +1,163 @@
+"""The two provider interfaces: Source (where VMs come from) and Target (where exports go).
+
+SDK calls live in the implementations (one module each under sources/ and targets/) and nowhere
+else. Both are plain Python, usable without Prefect; tasks wrap them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar
+
+from hypersdk.errors import VMNotFoundError
+from hypersdk.extents import ExtentMap
+from hypersdk.io import RangeReader, Sink
+from hypersdk.models import DiskInfo, ObjectInfo, Snapshot, VMInfo
+
+
+@dataclass
+class DiskChanges:
+    """What to move for one disk: the extents, and the change id to ask from next time."""
+
+    extents: ExtentMap
+    change_id: str | None
+    since: str | None  # the change id these extents are relative to; None = full
+    note: str = ""  # why a full export happened when an incremental was asked, etc.
+
+    @property
+    def incremental(self) -> bool:
+        return self.since is not None
+
+
+class Source(ABC):
+    """A place VMs live: hypervisor, cloud, or the local directory provider."""
+
+    schemes: ClassVar[tuple[str, ...]]
+
+    @classmethod
+    @abstractmethod
+    def from_url(cls, url: str, **options) -> Source: ...
+
+    @property
+    @abstractmethod
+    def url(self) -> str:
+        """Where this source points, without credentials (safe to log)."""
+
+    @abstractmethod
+    def list_vms(self) -> list[VMInfo]: ...
+
+    def get_vm(self, name: str) -> VMInfo:
+        for vm in self.list_vms():
+            if name in (vm.name, vm.id):
+                return vm
+        raise VMNotFoundError(f"VM {name!r} not found on {self.url}")
+
+    @abstractmethod
+    def create_snapshot(self, vm: str) -> Snapshot:
+        """Take a point-in-time view of the VM's disks."""
+
+    @abstractmethod
+    def remove_snapshot(self, snap: Snapshot) -> None:
+        """Drop the snapshot; must be safe to call twice and after partial failure."""
+
+    @contextlib.contextmanager
+    def snapshot(self, vm: str) -> Iterator[Snapshot]:
+        snap = self.create_snapshot(vm)
+        try:
+            yield snap
+        finally:
+            self.remove_snapshot(snap)
+
+    @abstractmethod
+    def changed_extents(self, snap: Snapshot, disk: DiskInfo, since: str | None) -> DiskChanges:
+        """Extents of ``disk`` to move: changed since ``since`` (a change id), or all data if None.
+
+        A source that cannot honour ``since`` (lost or reset change id) returns a full map with
+        ``since=None`` and says why in ``note``: never silently less data.
+        """
+
+    @abstractmethod
+    def open_disk(self, snap: Snapshot, disk: DiskInfo) -> RangeReader:
+        """Random reads of the snapshot's disk (the guest-visible bytes)."""
+
+    def close(self) -> None:
+        """Release sessions and connections."""
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ObjectWriter(Sink, ABC):
+    """A Sink onto one object of a target. Nothing is visible under the key until ``commit``."""
+
+    @abstractmethod
+    def commit(self) -> None: ...
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Discard everything written (and any pending multipart upload)."""
+
+
+class Target(ABC):
+    """A storage target: local directory, S3, Azure Blob, GCS..."""
+
+    schemes: ClassVar[tuple[str, ...]]
+
+    @classmethod
+    @abstractmethod
+    def from_url(cls, url: str, **options) -> Target: ...
+
+    @property
+    @abstractmethod
+    def url(self) -> str:
+        """Where this target points, without credentials (safe to log)."""
+
+    @abstractmethod
+    def writer(self, key: str, expected_size: int | None = None) -> ObjectWriter: ...
+
+    @contextlib.contextmanager
+    def open_writer(self, key: str, expected_size: int | None = None) -> Iterator[ObjectWriter]:
+        """Atomic write: committed on clean exit, aborted (nothing visible) on any exception."""
+        w = self.writer(key, expected_size)
+        try:
+            yield w
+        except BaseException:
+            w.abort()
+            raise
+        w.commit()
+
+    @abstractmethod
+    def open_reader(self, key: str) -> RangeReader: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]: ...
+
+    @abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    def exists(self, key: str) -> bool:
+        return any(o.key == key for o in self.list(key))
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        with self.open_writer(key, len(data)) as w:
+            w.write(data)
+
+    def get_bytes(self, key: str) -> bytes:
+        r = self.open_reader(key)
+        try:
+            return r.read(0, r.size)
+        finally:
+            r.close()
+
+    def location(self, key: str) -> str:
+        """A human-readable URL for ``key`` (for summaries)."""
+        return f"{self.url.rstrip('/')}/{key}"
+
+    def close(self) -> None:
+        pass

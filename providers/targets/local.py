@@ -1,0 +1,104 @@
+"""Local directory target: atomic publication (temp name, fsync, rename), sparse files."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from urllib.parse import unquote, urlsplit
+
+from hypersdk.atomic import atomic_file
+from hypersdk.errors import InvalidParameterError, ObjectNotFoundError, TargetError
+from hypersdk.io import FileRangeReader
+from hypersdk.models import ObjectInfo
+from providers.base import ObjectWriter, Target
+
+
+class LocalObjectWriter(ObjectWriter):
+    def __init__(self, path: str):
+        self._cm = atomic_file(path)
+        self._sink = self._cm.__enter__()
+        self._done = False
+
+    def write(self, data) -> int:
+        return self._sink.write(data)
+
+    def write_zeros(self, length: int) -> None:
+        self._sink.write_zeros(length)
+
+    def tell(self) -> int:
+        return self._sink.tell()
+
+    def commit(self) -> None:
+        if not self._done:
+            self._done = True
+            self._cm.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        if not self._done:
+            self._done = True
+            with contextlib.suppress(Exception):
+                self._cm.__exit__(TargetError, TargetError("aborted"), None)
+
+
+class LocalTarget(Target):
+    schemes = ("file",)
+
+    def __init__(self, root: str):
+        self.root = os.path.abspath(os.path.expanduser(root))
+
+    @classmethod
+    def from_url(cls, url: str, **options) -> LocalTarget:
+        if options:
+            raise InvalidParameterError(f"local target takes no options (got {', '.join(options)})")
+        parts = urlsplit(url)
+        path = unquote(parts.path) if parts.scheme == "file" else url
+        if parts.scheme == "file" and parts.netloc not in ("", "localhost"):
+            raise InvalidParameterError(f"file URL must be local: {url!r}")
+        return cls(path)
+
+    @property
+    def url(self) -> str:
+        return f"file://{self.root}"
+
+    def path(self, key: str) -> str:
+        full = os.path.normpath(os.path.join(self.root, key))
+        if not (full == self.root or full.startswith(self.root + os.sep)):
+            raise InvalidParameterError(f"object key escapes the target directory: {key!r}")
+        return full
+
+    def location(self, key: str) -> str:
+        return self.path(key)
+
+    def writer(self, key: str, expected_size: int | None = None) -> ObjectWriter:
+        return LocalObjectWriter(self.path(key))
+
+    def open_reader(self, key: str) -> FileRangeReader:
+        path = self.path(key)
+        if not os.path.isfile(path):
+            raise ObjectNotFoundError(f"{path}: no such export object")
+        return FileRangeReader(path)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        base = self.path(os.path.dirname(prefix)) if prefix else self.root
+        if not os.path.isdir(base):
+            return
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames.sort()
+            for name in sorted(filenames):
+                if name.startswith(".") and ".partial-" in name:
+                    continue  # an unfinished write, never an object
+                full = os.path.join(dirpath, name)
+                key = os.path.relpath(full, self.root).replace(os.sep, "/")
+                if key.startswith(prefix):
+                    st = os.stat(full)
+                    yield ObjectInfo(key=key, size=st.st_size,
+                                     modified=datetime.fromtimestamp(st.st_mtime, UTC))
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path(key))
+
+
+TARGET = LocalTarget
