@@ -94,7 +94,9 @@ class BlockMap:
         chunk = max(block_size, IO_CHUNK // block_size * block_size)
         pieces = list(allocated.aligned(block_size).split(chunk))
         with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(reader.read, pieces[0].offset, pieces[0].length) if pieces else None
+            pending = (
+                pool.submit(reader.read, pieces[0].offset, pieces[0].length) if pieces else None
+            )
             for i, piece in enumerate(pieces):
                 data = pending.result()
                 if i + 1 < len(pieces):

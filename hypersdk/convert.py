@@ -16,7 +16,10 @@ from hypersdk.io import IO_CHUNK, Sink, read_ahead
 
 
 def scan_data_extents(
-    source: Readable, candidates: ExtentMap, block: int = DEFAULT_BLOCK, progress: Progress | None = None
+    source: Readable,
+    candidates: ExtentMap,
+    block: int = DEFAULT_BLOCK,
+    progress: Progress | None = None,
 ) -> ExtentMap:
     """Refine ``candidates`` (allocated ranges) to the blocks that hold non-zero bytes."""
     found = []
@@ -71,12 +74,15 @@ def convert_image(
         size = sink.tell()
     extra = []
     for suffix, data in layout.extra_files.items():
-        side = dst + suffix if suffix.startswith(".") else os.path.join(os.path.dirname(dst), suffix)
+        side = (
+            dst + suffix if suffix.startswith(".") else os.path.join(os.path.dirname(dst), suffix)
+        )
         with atomic_file(side) as s:
             s.write(data)
         extra.append(side)
-    return ConvertResult(dst, fmt, image.virtual_size, extents.data_bytes, size,
-                         time.perf_counter() - started, extra)
+    return ConvertResult(
+        dst, fmt, image.virtual_size, extents.data_bytes, size, time.perf_counter() - started, extra
+    )
 
 
 def convert_file(

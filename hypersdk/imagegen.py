@@ -26,7 +26,9 @@ def _text_region(rng: np.random.Generator, size: int) -> bytes:
     stamp = int(rng.integers(1_600_000_000, 1_800_000_000))
     while total < size:
         n = int(rng.integers(4, 14))
-        line = b"%d " % stamp + b" ".join(words[total % len(words) : total % len(words) + n]) + b"\n"
+        line = (
+            b"%d " % stamp + b" ".join(words[total % len(words) : total % len(words) + n]) + b"\n"
+        )
         stamp += int(rng.integers(0, 3))
         lines.append(line)
         total += len(line)
@@ -60,7 +62,9 @@ def write_realistic_disk(
             f.write(data)
 
 
-def mutate_disk(path: str | os.PathLike, blocks: int, seed: int, block: int = 64 * 1024) -> list[int]:
+def mutate_disk(
+    path: str | os.PathLike, blocks: int, seed: int, block: int = 64 * 1024
+) -> list[int]:
     """Overwrite ``blocks`` random 64 KiB blocks (simulated guest writes); returns their offsets."""
     rng = np.random.default_rng(seed)
     size = os.path.getsize(path)

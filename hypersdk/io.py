@@ -155,7 +155,9 @@ class FileSink:
                 view = view[n:]
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise TargetFullError(f"{self._name}: no space left on target ({exc.strerror})") from None
+                raise TargetFullError(
+                    f"{self._name}: no space left on target ({exc.strerror})"
+                ) from None
             raise TargetError(f"{self._name}: write failed: {exc.strerror}") from None
         return total
 
@@ -174,7 +176,9 @@ class FileSink:
                 os.ftruncate(self._fd, self._pos)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise TargetFullError(f"{self._name}: no space left on target ({exc.strerror})") from None
+                raise TargetFullError(
+                    f"{self._name}: no space left on target ({exc.strerror})"
+                ) from None
             raise TargetError(f"{self._name}: cannot set size: {exc.strerror}") from None
 
 

@@ -15,11 +15,15 @@ class DiskInfo(BaseModel):
 
     name: str = Field(description="Stable name within the VM, e.g. 'disk0' or 'scsi0:0'")
     capacity: int = Field(ge=0, description="Virtual size in bytes")
-    key: str | None = Field(default=None, description="Source-specific id (vSphere device key, volume id)")
+    key: str | None = Field(
+        default=None, description="Source-specific id (vSphere device key, volume id)"
+    )
     backing: str | None = Field(default=None, description="Where the disk lives on the source")
     format: str | None = Field(default=None, description="Container format on the source, if known")
     controller: str | None = None
-    change_id: str | None = Field(default=None, description="Source change id, where the source tracks changes")
+    change_id: str | None = Field(
+        default=None, description="Source change id, where the source tracks changes"
+    )
 
 
 class NicInfo(BaseModel):
@@ -54,7 +58,9 @@ class VMInfo(BaseModel):
 
 class SnapshotDisk(BaseModel):
     disk: DiskInfo
-    change_id: str | None = Field(default=None, description="Change id of this disk at snapshot time")
+    change_id: str | None = Field(
+        default=None, description="Change id of this disk at snapshot time"
+    )
 
 
 class Snapshot(BaseModel):

@@ -52,7 +52,9 @@ def open_source(url: str, **options) -> Source:
         cls = source_classes()[scheme]
     except KeyError:
         known = ", ".join(sorted(source_classes()))
-        raise InvalidParameterError(f"unknown source scheme {scheme!r} in {url!r} (known: {known})") from None
+        raise InvalidParameterError(
+            f"unknown source scheme {scheme!r} in {url!r} (known: {known})"
+        ) from None
     return cls.from_url(url, **options)
 
 
@@ -63,5 +65,7 @@ def open_target(url: str, **options) -> Target:
         cls = target_classes()[scheme]
     except KeyError:
         known = ", ".join(sorted(target_classes()))
-        raise InvalidParameterError(f"unknown target scheme {scheme!r} in {url!r} (known: {known})") from None
+        raise InvalidParameterError(
+            f"unknown target scheme {scheme!r} in {url!r} (known: {known})"
+        ) from None
     return cls.from_url(url, **options)

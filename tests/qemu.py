@@ -9,13 +9,17 @@ from tests.fixtures.tools import need_tool
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([need_tool("qemu-img"), *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [need_tool("qemu-img"), *args], capture_output=True, text=True, timeout=600
+    )
 
 
 def check(path, fmt: str) -> None:
     """qemu-img check must report no errors and no leaks."""
     res = run("check", "-f", fmt, str(path))
-    assert res.returncode == 0, f"qemu-img check failed ({res.returncode}): {res.stdout}{res.stderr}"
+    assert res.returncode == 0, (
+        f"qemu-img check failed ({res.returncode}): {res.stdout}{res.stderr}"
+    )
 
 
 def compare(a, b, fmt_a: str, fmt_b: str, strict: bool = False) -> None:

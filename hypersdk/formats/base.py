@@ -102,7 +102,9 @@ class FormatDriver(ABC):
     @abstractmethod
     def open(self, reader: RangeReader) -> DiskImage: ...
 
-    def plan(self, size: int, extents: ExtentMap, options: Mapping[str, str] | None = None) -> Layout:
+    def plan(
+        self, size: int, extents: ExtentMap, options: Mapping[str, str] | None = None
+    ) -> Layout:
         raise InvalidParameterError(f"format {self.name!r} cannot be written")
 
     def write(

@@ -23,7 +23,9 @@ class RawImage(DiskImage):
 
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.virtual_size:
-            raise FormatError(self.name, f"read {offset}+{length} beyond disk end {self.virtual_size}")
+            raise FormatError(
+                self.name, f"read {offset}+{length} beyond disk end {self.virtual_size}"
+            )
         return self.reader.read(offset, length)
 
 
@@ -37,13 +39,17 @@ class RawDriver(FormatDriver):
     def open(self, reader: RangeReader) -> DiskImage:
         return RawImage(reader, reader.size)
 
-    def plan(self, size: int, extents: ExtentMap, options: Mapping[str, str] | None = None) -> Layout:
+    def plan(
+        self, size: int, extents: ExtentMap, options: Mapping[str, str] | None = None
+    ) -> Layout:
         self.check_options(options)
         if extents.has_zero_extents or extents.size != size:
             raise FormatError(None, "raw images cannot hold a delta; write a full export")
         return Layout(virtual_size=size, extents=extents, total_size=size)
 
-    def write(self, source: Readable, layout: Layout, out: Sink, progress: Progress | None = None) -> None:
+    def write(
+        self, source: Readable, layout: Layout, out: Sink, progress: Progress | None = None
+    ) -> None:
         pos = 0
         for piece, data in read_ahead(source, layout.extents.split(IO_CHUNK)):
             out.write_zeros(piece.offset - pos)

@@ -93,8 +93,9 @@ class LocalTarget(Target):
                 key = os.path.relpath(full, self.root).replace(os.sep, "/")
                 if key.startswith(prefix):
                     st = os.stat(full)
-                    yield ObjectInfo(key=key, size=st.st_size,
-                                     modified=datetime.fromtimestamp(st.st_mtime, UTC))
+                    yield ObjectInfo(
+                        key=key, size=st.st_size, modified=datetime.fromtimestamp(st.st_mtime, UTC)
+                    )
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
