@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -36,6 +36,8 @@ class Source(ABC):
     """A place VMs live: hypervisor, cloud, or the local directory provider."""
 
     schemes: ClassVar[tuple[str, ...]]
+    # Bytes-done callback for long operations (hash scans, downloads); set by tasks and the CLI.
+    progress: Callable[[int], None] | None = None
 
     @classmethod
     @abstractmethod
@@ -82,6 +84,10 @@ class Source(ABC):
     @abstractmethod
     def open_disk(self, snap: Snapshot, disk: DiskInfo) -> RangeReader:
         """Random reads of the snapshot's disk (the guest-visible bytes)."""
+
+    def verify_snapshot(self, snap: Snapshot) -> None:
+        """Raise SnapshotError if the point-in-time view was disturbed while it was read
+        (sources whose snapshots are only a checked promise, like a stopped local VM)."""
 
     def close(self) -> None:
         """Release sessions and connections."""
@@ -160,4 +166,10 @@ class Target(ABC):
         return f"{self.url.rstrip('/')}/{key}"
 
     def close(self) -> None:
-        pass
+        """Release clients and connections."""
+
+    def __enter__(self) -> Target:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

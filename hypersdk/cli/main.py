@@ -7,8 +7,17 @@ Errors from the engine (HyperSDKError) end as one red line and a non-zero exit, 
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import sys
+
+# Before Prefect is imported by any command: no analytics from a CLI run, and Prefect's own
+# logs on the terminal only when asked for (HYPERSDK_VERBOSE=1 or PREFECT_LOGGING_LEVEL set by the user).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+if os.environ.get("HYPERSDK_VERBOSE") != "1":
+    # Failures reach the user as our one-line error; the run keeps its full logs in Prefect.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
 
 import typer
 from rich.console import Console

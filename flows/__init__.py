@@ -1,0 +1,1 @@
+"""Prefect flows: composition of tasks, parameters and artifacts. No I/O logic here."""

@@ -1,0 +1,68 @@
+"""Validated parameters of an export run (shared by flows and the CLI; no Prefect here)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from hypersdk import config
+from hypersdk.errors import InvalidParameterError
+from hypersdk.formats import get_driver
+
+
+class ExportRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(default_factory=config.default_source_url, description="Source URL")
+    target: str = Field(default_factory=config.default_target_url, description="Target URL")
+    vm: str | None = Field(
+        default=None, description="VM name or id; optional if the source holds one VM"
+    )
+    format: str = "qcow2"
+    format_options: dict[str, str] = Field(default_factory=dict)
+    incremental: bool = True
+    full_every: int | None = Field(
+        default=None, ge=1, description="Force a full after this many deltas"
+    )
+    encryption: Any | None = None
+    verify: bool = True
+
+    @field_validator("format")
+    @classmethod
+    def _known_writable_format(cls, value: str) -> str:
+        driver = get_driver(value)  # raises with the list of known formats
+        if not driver.can_write:
+            raise ValueError(f"format {value!r} can be read but not written")
+        return driver.name
+
+    @field_validator("source", "target")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value or not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip()
+
+
+def validate_request(**params: Any) -> ExportRequest:
+    """ExportRequest from keyword parameters, or InvalidParameterError with one readable line."""
+    params = {k: v for k, v in params.items() if v is not None or k in ("vm", "encryption")}
+    try:
+        req = ExportRequest(**params)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "parameters"
+        msg = first["msg"].removeprefix("Value error, ")
+        raise InvalidParameterError(f"invalid {where}: {msg}") from None
+    get_driver(req.format).check_options(req.format_options)
+    if req.encryption is not None:
+        from hypersdk.crypto import KeySpec
+
+        if not isinstance(req.encryption, KeySpec):
+            try:
+                req.encryption = KeySpec.model_validate(req.encryption)
+            except ValidationError as exc:
+                raise InvalidParameterError(
+                    f"invalid encryption: {exc.errors()[0]['msg']}"
+                ) from None
+    return req

@@ -1,0 +1,115 @@
+"""The result of a migration/backup run and its human summaries (terminal text, markdown)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+
+class DiskResult(BaseModel):
+    name: str
+    key: str
+    location: str
+    format: str
+    virtual_size: int
+    data_bytes: int
+    object_size: int
+    skipped_bytes: int
+    incremental: bool
+    base_key: str | None = None
+    note: str = ""
+    stages: dict[str, dict[str, float]] = {}
+
+
+class MigrationResult(BaseModel):
+    export_id: str
+    kind: str
+    vm: str
+    source: str
+    target: str
+    manifest: str
+    encrypted: bool
+    verified: bool
+    seconds: float
+    disks: list[DiskResult]
+    flow_run_id: str | None = None
+    ui_url: str | None = None
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(d.data_bytes for d in self.disks)
+
+    @property
+    def written_bytes(self) -> int:
+        return sum(d.object_size for d in self.disks)
+
+    @property
+    def skipped_bytes(self) -> int:
+        return sum(d.skipped_bytes for d in self.disks)
+
+    @property
+    def virtual_bytes(self) -> int:
+        return sum(d.virtual_size for d in self.disks)
+
+    @property
+    def throughput(self) -> float:
+        """Guest bytes covered per second (virtual size / wall time), in MB/s."""
+        return self.virtual_bytes / self.seconds / 1e6 if self.seconds else 0.0
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _stage_line(d: DiskResult) -> str:
+    parts = []
+    for name in ("read", "convert", "encrypt", "upload"):
+        st = d.stages.get(name)
+        if st and st.get("seconds", 0) > 0:
+            parts.append(f"{name} {st['bytes'] / st['seconds'] / 1e6:,.0f} MB/s")
+    return ", ".join(parts)
+
+
+def render_text(r: MigrationResult) -> str:
+    lines = [
+        f"{r.kind.capitalize()} export of VM {r.vm!r} -> {r.target}  (export {r.export_id})",
+        f"  read {human(r.read_bytes)}, wrote {human(r.written_bytes)}, skipped {human(r.skipped_bytes)}"
+        f" of {human(r.virtual_bytes)} in {r.seconds:.1f} s ({r.throughput:,.0f} MB/s of disk)",
+    ]
+    for d in r.disks:
+        kind = f"delta on {d.base_key}" if d.incremental else "full"
+        lines.append(f"  {d.name}: {d.location} ({d.format}, {kind}, {human(d.object_size)})")
+        if stages := _stage_line(d):
+            lines.append(f"    stages: {stages}")
+        if d.note:
+            lines.append(f"    note: {d.note}")
+    lines.append(f"  manifest: {r.manifest}" + ("  (verified)" if r.verified else ""))
+    if r.encrypted:
+        lines.append("  encrypted: yes (key never stored)")
+    if r.ui_url:
+        lines.append(f"  Prefect UI: {r.ui_url}")
+    elif r.flow_run_id:
+        lines.append(
+            f"  Prefect run {r.flow_run_id}: to see it in the UI, run `.venv/bin/prefect server start`"
+            f" and open http://127.0.0.1:4200/runs/flow-run/{r.flow_run_id}"
+        )
+    return "\n".join(lines)
+
+
+def render_markdown(r: MigrationResult) -> str:
+    rows = "\n".join(
+        f"| {d.name} | `{d.location}` | {d.format} | {'delta' if d.incremental else 'full'} | "
+        f"{human(d.virtual_size)} | {human(d.data_bytes)} | {human(d.object_size)} | {human(d.skipped_bytes)} |"
+        for d in r.disks
+    )
+    return (
+        f"# {r.kind.capitalize()} export of `{r.vm}`\n\n"
+        f"Export `{r.export_id}` from `{r.source}` to `{r.target}` in {r.seconds:.1f} s "
+        f"({r.throughput:,.0f} MB/s of disk). Manifest: `{r.manifest}`"
+        f"{' (verified)' if r.verified else ''}{', encrypted' if r.encrypted else ''}.\n\n"
+        "| disk | object | format | kind | virtual | read | written | skipped |\n"
+        "|---|---|---|---|---|---|---|---|\n" + rows + "\n"
+    )
