@@ -1,0 +1,132 @@
+"""migrate_vm end to end on the local provider: full, incremental, verify, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from hypersdk.errors import HyperSDKError, InvalidParameterError, TargetError, VMNotFoundError
+from hypersdk.imagegen import mutate_disk, write_realistic_disk
+from hypersdk.manifest import ExportManifest
+from providers.sources.local import create_vm
+from tests import qemu
+
+MiB = 1024 * 1024
+BS = 64 * 1024
+
+
+@pytest.fixture
+def vm_root(tmp_path):
+    root = tmp_path / "vms"
+    d = create_vm(root, "app01", {"disk0": 24 * MiB + 12345})
+    write_realistic_disk(d / "disk0.img", 24 * MiB + 12345, seed=11)
+    return root
+
+
+def _snapshots_left(vm_root) -> list:
+    return list((vm_root / "app01/.hypersdk/snapshots").iterdir())
+
+
+def test_full_then_incremental_qcow2(prefect_api, vm_root, tmp_path, qemu_img):
+    from flows.migrate import migrate_vm
+
+    target = tmp_path / "exports"
+    disk = vm_root / "app01/disk0.img"
+    r1 = migrate_vm(
+        source=f"local://{vm_root}", target=f"file://{target}", vm="app01", format="qcow2"
+    )
+    assert r1.kind == "full" and r1.verified
+    out1 = target / r1.disks[0].key
+    qemu.check(out1, "qcow2")
+    qemu.compare(disk, out1, "raw", "qcow2")
+    manifest = ExportManifest.from_json(
+        (target / f"app01/{r1.export_id}/manifest.json").read_bytes()
+    )
+    assert manifest.disks[0].object_size == os.path.getsize(out1)
+    assert sum(n for _, n, _ in manifest.disks[0].chunks) == manifest.disks[0].virtual_size
+
+    changed = mutate_disk(disk, 6, seed=4)
+    r2 = migrate_vm(
+        source=f"local://{vm_root}", target=f"file://{target}", vm="app01", format="qcow2"
+    )
+    d2 = r2.disks[0]
+    assert r2.kind == "incremental" and d2.incremental and d2.base_key == r1.disks[0].key
+    # only the changed blocks were read from the source
+    assert d2.data_bytes == sum(min(BS, os.path.getsize(disk) - o) for o in changed)
+    assert d2.stages["read"]["bytes"] == d2.data_bytes
+    out2 = target / d2.key
+    assert qemu.info(out2)["backing-filename"].startswith("../")
+    qemu.check(out2, "qcow2")
+    qemu.compare(disk, out2, "raw", "qcow2")  # base + delta == the new disk
+    assert os.path.getsize(out2) < os.path.getsize(out1) / 4
+    assert not _snapshots_left(vm_root)
+
+    # --full ignores history
+    r3 = migrate_vm(
+        source=f"local://{vm_root}", target=f"file://{target}", vm="app01", incremental=False
+    )
+    assert r3.kind == "full" and not r3.disks[0].incremental
+
+
+def test_raw_export_and_single_vm_source(prefect_api, vm_root, tmp_path, qemu_img):
+    from flows.migrate import migrate_vm
+
+    target = tmp_path / "out"
+    r = migrate_vm(source=str(vm_root / "app01"), target=str(target), format="raw")
+    qemu.compare(vm_root / "app01/disk0.img", target / r.disks[0].key, "raw", "raw")
+    st = os.stat(target / r.disks[0].key)
+    assert st.st_blocks * 512 < st.st_size  # sparse
+
+
+def test_bad_parameters_are_clear(prefect_api, vm_root, tmp_path):
+    from flows.migrate import migrate_vm
+
+    with pytest.raises(HyperSDKError, match="unknown format 'vhdz'"):
+        migrate_vm(source=str(vm_root), target=str(tmp_path / "o"), vm="app01", format="vhdz")
+    with pytest.raises(InvalidParameterError, match="no option"):
+        migrate_vm(
+            source=str(vm_root),
+            target=str(tmp_path / "o"),
+            vm="app01",
+            format_options={"bogus": "1"},
+        )
+    with pytest.raises(VMNotFoundError, match="nosuch"):
+        migrate_vm(source=str(vm_root), target=str(tmp_path / "o"), vm="nosuch")
+    with pytest.raises(InvalidParameterError, match="unknown source scheme"):
+        migrate_vm(source="ftp://x/y", target=str(tmp_path / "o"), vm="app01")
+    assert not (tmp_path / "o").exists()
+
+
+def test_failure_removes_snapshot_and_publishes_nothing(prefect_api, vm_root, tmp_path):
+    from flows.migrate import migrate_vm
+
+    blocker = tmp_path / "file-not-dir"
+    blocker.write_text("x")
+    with pytest.raises(TargetError):
+        migrate_vm(source=str(vm_root), target=str(blocker / "exports"), vm="app01")
+    assert not _snapshots_left(vm_root)
+
+
+def test_manifest_detects_tampering(prefect_api, vm_root, tmp_path, qemu_img):
+    from flows.migrate import migrate_vm
+    from hypersdk.errors import VerificationError
+    from hypersdk.verify import verify_export
+    from providers import open_target
+
+    target = tmp_path / "exports"
+    r = migrate_vm(source=str(vm_root), target=str(target), vm="app01", format="qcow2")
+    key = f"app01/{r.export_id}/manifest.json"
+    t = open_target(str(target))
+    assert verify_export(t, key)[0].ok
+    path = target / r.disks[0].key
+    mapping = json.loads(qemu.run("map", "--output=json", "-f", "qcow2", str(path)).stdout)
+    host = next(m["offset"] for m in mapping if m["data"] and m.get("offset") is not None)
+    with open(path, "r+b") as f:  # flip one byte of guest data inside the stored image
+        f.seek(host + 100)
+        byte = f.read(1)
+        f.seek(host + 100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(VerificationError, match="differ"):
+        verify_export(t, key)
