@@ -48,7 +48,7 @@ def test_snapshot_cbt_full_then_delta(vm_root):
         full = src.changed_extents(s1, disk, None)
         assert not full.incremental and full.extents.data_bytes > 0
         with src.open_disk(s1, disk) as img:
-            assert img.read(0, 4096) == open(vm_root / "web01/disk0.img", "rb").read(4096)
+            assert img.read(0, 4096) == (vm_root / "web01/disk0.img").read_bytes()[:4096]
     assert not os.path.exists(s1.provider_data["snap_dir"])
     changed = mutate_disk(vm_root / "web01/disk0.img", 5, seed=3)
     with src.snapshot("web01") as s2:
