@@ -7,7 +7,7 @@ PYTHON  ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test lint format bench clean-demo
+.PHONY: run test lint format bench server deploy worker
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: Python 3.11+ is required (python3.11 or newer on PATH)"; exit 1; }
@@ -30,3 +30,14 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.pipeline
+
+# Prefect server, deployments and a worker (see README "Prefect UI and deployments").
+PREFECT_API_URL ?= http://127.0.0.1:4200/api
+server: $(STAMP)
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
+
+deploy: $(STAMP)
+	PREFECT_API_URL=$(PREFECT_API_URL) $(PY) -m deployments.bootstrap
+
+worker: $(STAMP)
+	PREFECT_API_URL=$(PREFECT_API_URL) $(VENV)/bin/prefect worker start --pool hypersdk-local

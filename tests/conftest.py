@@ -18,8 +18,9 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-pytest_plugins = sorted(
+# tools first: the other plugins import it.
+pytest_plugins = ["tests.fixtures.tools"] + sorted(
     f"tests.fixtures.{p.stem}"
     for p in (pathlib.Path(__file__).parent / "fixtures").glob("*.py")
-    if not p.name.startswith("_")
+    if not p.name.startswith("_") and p.stem != "tools"
 )

@@ -1,0 +1,1 @@
+"""Deployment helpers: create the work pool and deploy prefect.yaml from this checkout."""
