@@ -15,7 +15,7 @@ from hypersdk.errors import FormatError
 from hypersdk.formats import get_driver, open_image
 from hypersdk.summary import human
 
-out = Console()
+out = Console(soft_wrap=True)
 
 
 def convert(

@@ -18,7 +18,7 @@ from hypersdk.cli.common import parse_options, progress_bar
 from hypersdk.requests import validate_request
 from hypersdk.summary import MigrationResult, human, render_text
 
-out = Console()
+out = Console(soft_wrap=True)
 vms_app = typer.Typer(help="Inventory of a source.", no_args_is_help=True)
 
 SourceOpt = Annotated[
