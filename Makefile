@@ -3,7 +3,7 @@
 
 VENV    ?= .venv
 PYTHON  ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
-             command -v $$p >/dev/null && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' && { echo $$p; break; }; done)
+             command -v $$p >/dev/null && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && { echo $$p; break; }; done)
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
