@@ -47,21 +47,23 @@ def pick_base(
         return None, ""
     if not get_driver(req.format).supports_backing:
         return None, f"format {req.format} cannot hold a delta: full export"
-    deltas = 0
-    for manifest in history:  # newest first
-        for d in manifest.disks:
-            if d.name != disk:
-                continue
-            if d.format != req.format or bool(d.encryption) != (req.encryption is not None):
-                return None, "previous export used another format or encryption: full export"
-            if req.full_every is not None and deltas >= req.full_every:
-                return (
-                    None,
-                    f"{deltas} deltas since the last full (full_every={req.full_every}): full export",
-                )
-            return d, ""
-        deltas += 1 if manifest.kind == "incremental" else 0
-    return None, ""
+    newest = next((d for m in history for d in m.disks if d.name == disk), None)
+    if newest is None:
+        return None, ""
+    if newest.format != req.format or bool(newest.encryption) != (req.encryption is not None):
+        return None, "previous export used another format or encryption: full export"
+    if req.full_every is not None:
+        deltas = 0
+        for manifest in history:  # newest first, back to the last full export
+            if manifest.kind != "incremental":
+                break
+            deltas += 1
+        if deltas >= req.full_every:
+            return (
+                None,
+                f"{deltas} deltas since the last full (full_every={req.full_every}): full export",
+            )
+    return newest, ""
 
 
 def _ui_url(flow_run_id: str | None) -> str | None:

@@ -130,3 +130,26 @@ def test_manifest_detects_tampering(prefect_api, vm_root, tmp_path, qemu_img):
         f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(VerificationError, match="differ"):
         verify_export(t, key)
+
+
+def test_backup_forces_full_every_n_deltas(prefect_api, vm_root, tmp_path, qemu_img):
+    from flows.backup import backup_vm
+    from prefect.client.orchestration import get_client
+
+    target = tmp_path / "backups"
+    kinds = []
+    for i in range(4):
+        mutate_disk(vm_root / "app01/disk0.img", 2, seed=100 + i)
+        r = backup_vm(vm="app01", source=str(vm_root), target=str(target), full_every=2)
+        kinds.append(r.kind)
+        qemu.compare(vm_root / "app01/disk0.img", target / r.disks[0].key, "raw", "qcow2")
+    assert kinds == ["full", "incremental", "incremental", "full"]
+
+    async def artifact():
+        async with get_client() as client:
+            return await client.read_latest_artifacts()
+
+    import asyncio
+
+    latest = [a for a in asyncio.run(artifact()) if a.key == "export-app01"]
+    assert latest and "Full export of `app01`" in latest[0].data
