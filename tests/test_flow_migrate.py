@@ -133,8 +133,9 @@ def test_manifest_detects_tampering(prefect_api, vm_root, tmp_path, qemu_img):
 
 
 def test_backup_forces_full_every_n_deltas(prefect_api, vm_root, tmp_path, qemu_img):
-    from flows.backup import backup_vm
     from prefect.client.orchestration import get_client
+
+    from flows.backup import backup_vm
 
     target = tmp_path / "backups"
     kinds = []
