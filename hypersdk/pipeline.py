@@ -126,6 +126,11 @@ def export_stream(
     started = time.perf_counter()
     driver = get_driver(fmt)
     layout = driver.plan(source.size, extents, options or {})
+    measure = getattr(layout, "measure", None)
+    if measure is not None:
+        # Compressed layouts know their exact size only after a sizing pass; the writer skips its
+        # own pass when measured, so this costs nothing and the stream carries no padding.
+        measure(source)
     defined = defined_map(extents, full)
     hasher = ChunkHasher(defined, extents, chunk_size)
     observed = _ObservedSource(source, hasher, progress)
