@@ -69,8 +69,13 @@ def convert_image(
     started = time.perf_counter()
     dst = os.fspath(dst)
     extents = scan_data_extents(image, image.extents(), progress=scan_progress)
+    driver = get_driver(fmt)
+    layout = driver.plan(image.size, extents, options or {})
+    bind = getattr(layout, "bind_output", None)
+    if bind is not None:  # side files that must name the main output (VMDK flat descriptor)
+        bind(dst)
     with atomic_file(dst) as sink:
-        layout = convert_stream(image, fmt, sink, extents, options, progress)
+        driver.write(image, layout, sink, progress)
         size = sink.tell()
     extra = []
     for suffix, data in layout.extra_files.items():
