@@ -20,7 +20,7 @@ from tasks.cbt import changed_extents
 from tasks.common import io_task_options
 from tasks.manifest import find_previous_export, manifest_key, publish_manifest
 from tasks.snapshot import release_snapshot, take_snapshot
-from tasks.transfer import export_disk
+from tasks.transfer import export_disk, export_package
 from tasks.verify import verify
 
 
@@ -71,60 +71,84 @@ def _ui_url(flow_run_id: str | None) -> str | None:
     return f"{base.rstrip('/')}/runs/flow-run/{flow_run_id}" if base and flow_run_id else None
 
 
+def _disk_result(dm: DiskManifest, stats: dict, target, incremental: bool) -> DiskResult:
+    return DiskResult(
+        name=dm.name,
+        key=dm.key,
+        location=target.location(dm.key),
+        format=dm.format,
+        virtual_size=dm.virtual_size,
+        data_bytes=dm.data_bytes,
+        object_size=dm.object_size,
+        skipped_bytes=dm.virtual_size - dm.data_bytes,
+        incremental=incremental,
+        base_key=dm.base_key,
+        note=dm.note,
+        stages=stats["stages"],
+    )
+
+
+def _export_disk(req, snap, disk, vm_name, target, history, manifests) -> DiskResult:
+    """One disk as one object: a full image, or a delta on the previous export."""
+    logger = get_run_logger()
+    base, why_full = pick_base(history, disk.name, req)
+    if base is not None and not target.exists(base.key):
+        base, why_full = None, f"previous export {base.key} is gone: full export"
+    changes = changed_extents(req.source, snap, disk, base.change_id if base else None)
+    note = "; ".join(n for n in (why_full, changes.note) if n)
+    if note:
+        logger.info("%s: %s", disk.name, note)
+    base_key = base.key if base is not None and changes.incremental else None
+    suffix = ".hsenc" if req.encryption is not None else ""
+    key = f"{vm_name}/{snap.id}/{disk.name}{extension_for(req.format)}{suffix}"
+    dm, stats = export_disk(
+        req.source,
+        snap,
+        disk,
+        changes,
+        req.target,
+        key,
+        req.format,
+        req.format_options,
+        base_key,
+        req.encryption,
+    )
+    dm.note = note
+    manifests.append(dm)
+    return _disk_result(dm, stats, target, base_key is not None)
+
+
+def _export_package(req, snap, vm_name, target, manifests) -> list[DiskResult]:
+    """The whole VM as one OVA (always full: a package cannot hold a delta)."""
+    changes = {sd.disk.name: changed_extents(req.source, snap, sd.disk, None) for sd in snap.disks}
+    suffix = ".hsenc" if req.encryption is not None else ""
+    key = f"{vm_name}/{snap.id}/{vm_name}.ova{suffix}"
+    dms, stats = export_package(
+        req.source, snap, changes, req.target, key, req.format_options, req.encryption
+    )
+    manifests.extend(dms)
+    results = [_disk_result(dm, stats, target, False) for dm in dms]
+    for r in results[1:]:  # one object: count its bytes once
+        r.object_size = 0
+    return results
+
+
 def run_export(req: ExportRequest) -> MigrationResult:
     """Run the pipeline for one VM (called inside a flow)."""
-    logger = get_run_logger()
     started = time.perf_counter()
     vm_name = resolve_vm(req.source, req.vm)
     history = find_previous_export(req.target, vm_name) if req.incremental else []
     snap = take_snapshot(req.source, vm_name)
     disks: list[DiskManifest] = []
-    results: list[DiskResult] = []
     try:
         with open_target(req.target) as target:
-            for sd in snap.disks:
-                base, why_full = pick_base(history, sd.disk.name, req)
-                if base is not None and not target.exists(base.key):
-                    base, why_full = None, f"previous export {base.key} is gone: full export"
-                changes = changed_extents(
-                    req.source, snap, sd.disk, base.change_id if base else None
-                )
-                note = "; ".join(n for n in (why_full, changes.note) if n)
-                if note:
-                    logger.info("%s: %s", sd.disk.name, note)
-                base_key = base.key if base is not None and changes.incremental else None
-                suffix = ".hsenc" if req.encryption is not None else ""
-                key = f"{vm_name}/{snap.id}/{sd.disk.name}{extension_for(req.format)}{suffix}"
-                dm, stats = export_disk(
-                    req.source,
-                    snap,
-                    sd.disk,
-                    changes,
-                    req.target,
-                    key,
-                    req.format,
-                    req.format_options,
-                    base_key,
-                    req.encryption,
-                )
-                dm.note = note
-                disks.append(dm)
-                results.append(
-                    DiskResult(
-                        name=dm.name,
-                        key=key,
-                        location=target.location(key),
-                        format=req.format,
-                        virtual_size=dm.virtual_size,
-                        data_bytes=dm.data_bytes,
-                        object_size=dm.object_size,
-                        skipped_bytes=stats["skipped_bytes"],
-                        incremental=base_key is not None,
-                        base_key=base_key,
-                        note=note,
-                        stages=stats["stages"],
-                    )
-                )
+            if req.format == "ova":
+                results = _export_package(req, snap, vm_name, target, disks)
+            else:
+                results = [
+                    _export_disk(req, snap, sd.disk, vm_name, target, history, disks)
+                    for sd in snap.disks
+                ]
         kind = "incremental" if any(r.incremental for r in results) else "full"
         manifest = ExportManifest(
             export_id=snap.id,

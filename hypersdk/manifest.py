@@ -39,6 +39,7 @@ class DiskManifest(BaseModel):
     format: str
     format_options: dict[str, str] = Field(default_factory=dict)
     key: str = Field(description="Object key of the stored disk, relative to the target")
+    member: str | None = Field(default=None, description="The disk's file inside a package (OVA)")
     object_size: int
     object_blake3: str
     base_key: str | None = Field(default=None, description="The export this delta builds on")

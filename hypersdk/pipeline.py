@@ -107,6 +107,38 @@ class _TimedSink:
         self.stats.seconds += time.perf_counter() - t
 
 
+class _OutputChain:
+    """What every writer emits into: (encryptor ->) hash of stored bytes -> target, all timed."""
+
+    def __init__(self, out: Sink, encryption: Any | None):
+        self.object_hash = blake3.blake3()
+        self.upload = _TimedSink(TeeSink(out, self.object_hash))
+        self.encryption_params = None
+        self._encrypt: _TimedSink | None = None
+        self.sink: Sink = self.upload
+        if encryption is not None:
+            from hypersdk.crypto import encrypting_sink
+
+            enc = encrypting_sink(encryption, self.upload)
+            self.encryption_params = enc.params() if hasattr(enc, "params") else None
+            self._encrypt = self.sink = _TimedSink(enc)
+
+    def finish(self) -> None:
+        if self._encrypt is not None:
+            self._encrypt.finish()
+
+    def stages(self, reads: StageStats, data_bytes: int, wall: float) -> dict[str, StageStats]:
+        stages = {"read": reads, "upload": self.upload.stats}
+        sink_time = self._encrypt.stats.seconds if self._encrypt else self.upload.stats.seconds
+        if self._encrypt is not None:
+            stages["encrypt"] = StageStats(
+                self._encrypt.stats.bytes,
+                max(0.0, self._encrypt.stats.seconds - self.upload.stats.seconds),
+            )
+        stages["convert"] = StageStats(data_bytes, max(0.0, wall - sink_time - reads.seconds))
+        return stages
+
+
 def export_stream(
     source: Readable,
     extents: ExtentMap,
@@ -134,44 +166,79 @@ def export_stream(
     defined = defined_map(extents, full)
     hasher = ChunkHasher(defined, extents, chunk_size)
     observed = _ObservedSource(source, hasher, progress)
-
-    object_hash = blake3.blake3()
-    upload = _TimedSink(TeeSink(out, object_hash))
-    encryption_params = None
-    encrypt_stage: _TimedSink | None = None
-    if encryption is not None:
-        from hypersdk.crypto import encrypting_sink
-
-        enc = encrypting_sink(encryption, upload)
-        encryption_params = enc.params() if hasattr(enc, "params") else None
-        encrypt_stage = _TimedSink(enc)
-        writer_out: Sink = encrypt_stage
-    else:
-        writer_out = upload
-
-    driver.write(observed, layout, writer_out, None)
-    if encrypt_stage is not None:
-        encrypt_stage.finish()
+    chain = _OutputChain(out, encryption)
+    driver.write(observed, layout, chain.sink, None)
+    chain.finish()
     wall = time.perf_counter() - started
-
     chunks = hasher.finish() if not hasher.stale else hash_chunks(source, defined, chunk_size)
-    stages = {"read": observed.stats, "upload": upload.stats}
-    sink_time = encrypt_stage.stats.seconds if encrypt_stage else upload.stats.seconds
-    if encrypt_stage is not None:
-        stages["encrypt"] = StageStats(
-            encrypt_stage.stats.bytes, max(0.0, encrypt_stage.stats.seconds - upload.stats.seconds)
-        )
-    stages["convert"] = StageStats(
-        extents.data_bytes, max(0.0, wall - sink_time - observed.stats.seconds)
-    )
     return StreamResult(
         virtual_size=source.size,
         data_bytes=extents.data_bytes,
         defined_bytes=defined.defined_bytes,
-        object_size=upload.stats.bytes,
-        object_blake3=object_hash.hexdigest(),
+        object_size=chain.upload.stats.bytes,
+        object_blake3=chain.object_hash.hexdigest(),
         chunks=chunks,
-        encryption=encryption_params,
+        encryption=chain.encryption_params,
         wall_seconds=wall,
-        stages=stages,
+        stages=chain.stages(observed.stats, extents.data_bytes, wall),
     )
+
+
+@dataclass
+class PackagedDisk:
+    """One disk inside a VM package (OVA): its member name and logical chunk hashes."""
+
+    member: str
+    virtual_size: int
+    data_bytes: int
+    chunks: list[tuple[int, int, str]]
+
+
+def export_ova_stream(
+    vm: Any,
+    disks: list[tuple[Any, Readable, ExtentMap]],
+    out: Sink,
+    options: Mapping[str, str] | None = None,
+    encryption: Any | None = None,
+    progress: Progress | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> tuple[list[PackagedDisk], StreamResult]:
+    """Stream an OVA of the VM (descriptor, manifest, streamOptimized disks) into ``out``."""
+    from hypersdk.formats.ova import disk_member_names, write_ova
+
+    started = time.perf_counter()
+    hashers, observed = [], []
+    for _, source, extents in disks:
+        hasher = ChunkHasher(ExtentMap.full(extents.size), extents, chunk_size)
+        hashers.append(hasher)
+        observed.append(_ObservedSource(source, hasher, progress))
+    chain = _OutputChain(out, encryption)
+    write_ova(
+        vm,
+        [(info, obs, ext) for (info, _, ext), obs in zip(disks, observed, strict=True)],
+        chain.sink,
+        None,
+        options,
+    )
+    chain.finish()
+    wall = time.perf_counter() - started
+    reads = StageStats(sum(o.stats.bytes for o in observed), sum(o.stats.seconds for o in observed))
+    packaged = []
+    names = disk_member_names(vm, len(disks))
+    for (_, source, extents), hasher, name in zip(disks, hashers, names, strict=True):
+        full = ExtentMap.full(extents.size)
+        chunks = hasher.finish() if not hasher.stale else hash_chunks(source, full, chunk_size)
+        packaged.append(PackagedDisk(name, source.size, extents.data_bytes, chunks))
+    data = sum(p.data_bytes for p in packaged)
+    result = StreamResult(
+        virtual_size=sum(p.virtual_size for p in packaged),
+        data_bytes=data,
+        defined_bytes=sum(p.virtual_size for p in packaged),
+        object_size=chain.upload.stats.bytes,
+        object_blake3=chain.object_hash.hexdigest(),
+        chunks=[],
+        encryption=chain.encryption_params,
+        wall_seconds=wall,
+        stages=chain.stages(reads, data, wall),
+    )
+    return packaged, result

@@ -35,6 +35,19 @@ def _object_hash(reader) -> str:
     return h.hexdigest()
 
 
+def _open_logical(disk, reader):
+    """The guest-visible disk of a stored object (a member of a package, or the object itself)."""
+    if disk.member is None:
+        return get_driver(disk.format).open(reader)
+    from hypersdk.formats.ova import Package
+
+    package = Package(disk.key, archive=reader)
+    for df in package.disk_files:
+        if df.href == disk.member:
+            return package.open_disk(df)
+    raise VerificationError(f"{disk.key}: the package has no disk {disk.member!r}")
+
+
 def verify_export(target, manifest_key: str, encryption: Any | None = None) -> list[DiskVerdict]:
     """Raise VerificationError on any mismatch; return the per-disk verdicts when all is well."""
     manifest = ExportManifest.from_json(target.get_bytes(manifest_key))
@@ -54,7 +67,7 @@ def verify_export(target, manifest_key: str, encryption: Any | None = None) -> l
                 from hypersdk.crypto import decrypting_reader
 
                 logical = decrypting_reader(encryption, reader)
-            image = get_driver(disk.format).open(logical)
+            image = _open_logical(disk, logical)
             try:
                 defined = ExtentMap(disk.virtual_size, [Extent(o, n) for o, n, _ in disk.chunks])
                 got = hash_chunks(image, defined, disk.chunk_size)

@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from hypersdk.formats import get_driver
 from hypersdk.manifest import DiskManifest
 from hypersdk.models import DiskInfo, Snapshot
-from hypersdk.pipeline import export_stream
+from hypersdk.pipeline import StreamResult, export_ova_stream, export_stream
 from providers import open_source, open_target
 from providers.base import DiskChanges
 from tasks.common import io_task_options, stage_progress
@@ -89,9 +89,72 @@ def export_disk(
         encryption=result.encryption,
         note=changes.note,
     )
-    stats = {
+    return manifest, _stats(result)
+
+
+def _stats(result: StreamResult) -> dict:
+    return {
         "wall_seconds": result.wall_seconds,
         "skipped_bytes": result.skipped_bytes,
         "stages": {k: {"bytes": v.bytes, "seconds": v.seconds} for k, v in result.stages.items()},
     }
-    return manifest, stats
+
+
+@task(
+    name="export-package", cache_policy=NO_CACHE, task_run_name="export-ova", **io_task_options(3)
+)
+def export_package(
+    source_url: str,
+    snap: Snapshot,
+    changes: dict[str, DiskChanges],
+    target_url: str,
+    key: str,
+    format_options: Mapping[str, str] | None = None,
+    encryption: Any | None = None,
+) -> tuple[list[DiskManifest], dict]:
+    """The whole VM as one OVA object: descriptor, manifest and every disk, in one stream."""
+    disks = [sd.disk for sd in snap.disks]
+    with open_source(source_url) as source, open_target(target_url) as target:
+        readers = [source.open_disk(snap, d) for d in disks]
+        total = sum(changes[d.name].extents.data_bytes for d in disks)
+        progress = stage_progress("export", 2 * total, "OVA export (two passes)")
+        try:
+            with target.open_writer(key) as writer:
+                packaged, result = export_ova_stream(
+                    snap.vm,
+                    [(d, r, changes[d.name].extents) for d, r in zip(disks, readers, strict=True)],
+                    writer,
+                    # "name" names a single-disk OVA in `hyperctl convert`; here the VM names it
+                    options={
+                        k: v
+                        for k, v in get_driver("ova").check_options(format_options).items()
+                        if k != "name"
+                    },
+                    encryption=encryption,
+                    progress=progress,
+                )
+                source.verify_snapshot(snap)
+        finally:
+            progress.close()
+            for r in readers:
+                r.close()
+    manifests = [
+        DiskManifest(
+            name=d.name,
+            virtual_size=p.virtual_size,
+            format="ova",
+            format_options=dict(format_options or {}),
+            key=key,
+            member=p.member,
+            object_size=result.object_size,
+            object_blake3=result.object_blake3,
+            change_id=changes[d.name].change_id,
+            data_bytes=p.data_bytes,
+            defined_bytes=p.virtual_size,
+            chunks=p.chunks,
+            encryption=result.encryption,
+            note=changes[d.name].note,
+        )
+        for d, p in zip(disks, packaged, strict=True)
+    ]
+    return manifests, _stats(result)

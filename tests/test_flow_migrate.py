@@ -154,3 +154,45 @@ def test_backup_forces_full_every_n_deltas(prefect_api, vm_root, tmp_path, qemu_
 
     latest = [a for a in asyncio.run(artifact()) if a.key == "export-app01"]
     assert latest and "Full export of `app01`" in latest[0].data
+
+
+def test_ova_export_of_a_multi_disk_vm(prefect_api, tmp_path, qemu_img):
+    """format=ova packages the whole VM (descriptor, manifest, every disk) as one object."""
+    import subprocess
+    import tarfile
+
+    from flows.migrate import migrate_vm
+    from hypersdk.ovf import parse_ovf
+
+    root = tmp_path / "vms"
+    d = create_vm(root, "multi", {"disk0": 6 * MiB, "disk1": 3 * MiB + 512})
+    write_realistic_disk(d / "disk0.img", 6 * MiB, seed=1)
+    write_realistic_disk(d / "disk1.img", 3 * MiB + 512, seed=2)
+    target = tmp_path / "out"
+    r = migrate_vm(source=str(root), vm="multi", target=str(target), format="ova")
+    assert r.verified and len(r.disks) == 2 and r.disks[0].key == r.disks[1].key
+    ova = target / r.disks[0].key
+    with tarfile.open(ova) as tar:
+        names = tar.getnames()
+        assert names[0].endswith(".ovf") and names[1].endswith(".mf")
+        vm, files = parse_ovf(tar.extractfile(names[0]).read())
+        assert [f.disk.capacity for f in files] == [6 * MiB, 3 * MiB + 512]
+        tar.extractall(tmp_path / "x", filter="data")
+    assert vm.name == "multi" and vm.cpus == 2
+    for name, f in zip(("disk0", "disk1"), files, strict=True):
+        extracted = tmp_path / "x" / f.href
+        res = subprocess.run(
+            [
+                "qemu-img",
+                "compare",
+                "-f",
+                "raw",
+                "-F",
+                "vmdk",
+                str(d / f"{name}.img"),
+                str(extracted),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        assert res.returncode == 0, res.stdout + res.stderr

@@ -348,6 +348,12 @@ def _file_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "vm"
 
 
+def disk_member_names(vm: VMInfo, count: int) -> list[str]:
+    """The archive member names ``write_ova`` gives the VM's disks, in order."""
+    stem = _file_stem(vm.name)
+    return [f"{stem}-disk{n}.vmdk" for n in range(1, count + 1)]
+
+
 def write_ova(
     vm: VMInfo,
     disks: list[tuple[DiskInfo, Readable, ExtentMap]],
@@ -371,7 +377,7 @@ def write_ova(
         layout = VMDK.plan(source.size, extents, opts)
         measure = _Measure()
         VMDK.write(source, layout, measure, progress)  # pass 1: size and hash only
-        href = f"{stem}-disk{n}.vmdk"
+        href = disk_member_names(vm, n)[-1]
         files.append(
             DiskFile(info, href, f"file{n}", f"vmdisk{n}", measure.n, populated=extents.data_bytes)
         )
