@@ -356,3 +356,20 @@ def test_empty_disk(tmp_path):
             assert img.virtual_size == 0 and len(img.extents()) == 0
     qemu.compare(raw, tmp_path / "empty-dynamic.vhd", "raw", "vpc")  # qemu cannot open a
     # zero-size fixed VHD (it takes the lone footer for a dynamic header), even its own
+
+
+def test_fixed_vhd_is_probed_from_its_footer(tmp_path, qemu_img):
+    """A fixed VHD has no header: the registry recognises it by its checksummed footer."""
+    from hypersdk.formats import open_image
+
+    raw = tmp_path / "d.raw"
+    raw.write_bytes(os.urandom(1024 * 1024))
+    vhd = tmp_path / "d.vhd"
+    qemu.convert(raw, vhd, "raw", "vpc", "-o", "subformat=fixed")
+    with open_image(vhd) as img:
+        assert img.format == "vhd" and img.read(0, 1024 * 1024) == raw.read_bytes()
+    # a raw disk that merely ends with the cookie but a wrong checksum stays raw
+    fake = tmp_path / "fake.img"
+    fake.write_bytes(bytes(4096) + b"conectix" + bytes(504))
+    with open_image(fake) as img:
+        assert img.format == "raw"

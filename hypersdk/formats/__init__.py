@@ -46,7 +46,14 @@ def probe(reader: RangeReader) -> FormatDriver:
     candidates = [d for d in drivers().values() if d.name != "raw" and d.probe(head, reader.size)]
     if len(candidates) > 1:  # the most specific driver sorts first via its probe_priority
         candidates.sort(key=lambda d: -getattr(d, "probe_priority", 0))
-    return candidates[0] if candidates else get_driver("raw")
+    if candidates:
+        return candidates[0]
+    if reader.size >= 512:
+        tail = reader.read(reader.size - 512, 512)
+        for d in drivers().values():
+            if d.probe_tail(tail, reader.size):
+                return d
+    return get_driver("raw")
 
 
 def open_image(path: str | os.PathLike, fmt: str | None = None) -> DiskImage:

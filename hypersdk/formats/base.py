@@ -99,6 +99,11 @@ class FormatDriver(ABC):
     def probe(self, head: bytes, size: int) -> bool:
         """True if ``head`` (the first 64 KiB, or less for small files) looks like this format."""
 
+    def probe_tail(self, tail: bytes, size: int) -> bool:
+        """True if the last 512 bytes mark this format (formats with a trailing footer only,
+        like a fixed VHD); tried only when no driver recognised the head."""
+        return False
+
     @abstractmethod
     def open(self, reader: RangeReader) -> DiskImage: ...
 

@@ -238,9 +238,12 @@ class VhdDriver(FormatDriver):
     option_names = ("subformat", "azure", "align")
 
     def probe(self, head: bytes, size: int) -> bool:
-        # a dynamic VHD starts with its footer copy; a fixed one only ends with it (the registry
-        # probes the head only, so fixed VHDs must be opened with fmt="vhd")
+        # a dynamic VHD starts with its footer copy; a fixed one only ends with it (probe_tail)
         return head[:8] == COOKIE
+
+    def probe_tail(self, tail: bytes, size: int) -> bool:
+        """A fixed VHD: the footer cookie in the last sector, with a valid footer checksum."""
+        return tail[:8] == COOKIE and struct.unpack_from(">I", tail, 64)[0] == checksum(tail, 64)
 
     def open(self, reader: RangeReader) -> DiskImage:
         return VhdImage(reader)
