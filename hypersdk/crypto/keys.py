@@ -1,0 +1,211 @@
+"""Key sources. A ``KeySpec`` names where a key lives (file, env var, Prefect Secret block, GPG
+recipient), never the secret itself, so flows can take it as a parameter; ``resolve()`` fetches the
+material only where it is used. Secrets stay in SecretStr/SecretBytes so they never print.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, SecretBytes, SecretStr
+
+from hypersdk.errors import CredentialsError, DecryptionError, InvalidParameterError
+
+# Strong defaults: scrypt n=2**17, r=8, p=1 (128 MiB, ~0.3 s); Argon2id t=3, m=64 MiB, 4 lanes.
+SCRYPT_DEFAULT = (17, 8, 1)  # (log2 n, r, p)
+ARGON2_DEFAULT = (3, 64 * 1024, 4)  # (iterations, memory KiB, lanes)
+# Caps on what a header may ask for, so a malicious file cannot make us allocate gigabytes.
+MAX_KDF_MEMORY = 1024 * 1024 * 1024
+MAX_SCRYPT_P = 16
+MAX_ARGON2_ITER = 16
+MAX_ARGON2_LANES = 16
+
+
+def check_kdf_params(kdf: int, params: tuple[int, int, int], name: str = "<input>") -> None:
+    """Refuse KDF parameters that are out of range or too costly (DecryptionError)."""
+    from hypersdk.crypto.container import KDF_ARGON2ID, KDF_HKDF, KDF_SCRYPT
+
+    p1, p2, p3 = params
+    ok = True
+    if kdf == KDF_SCRYPT:
+        ok = 10 <= p1 <= 24 and 1 <= p2 <= 64 and 1 <= p3 <= MAX_SCRYPT_P
+        ok = ok and 128 * p2 * (1 << p1) <= MAX_KDF_MEMORY
+    elif kdf == KDF_ARGON2ID:
+        ok = 1 <= p1 <= MAX_ARGON2_ITER and 1 <= p3 <= MAX_ARGON2_LANES
+        ok = ok and 8 * p3 <= p2 <= MAX_KDF_MEMORY // 1024
+    elif kdf == KDF_HKDF:
+        ok = params == (0, 0, 0)
+    if not ok:
+        raise DecryptionError(f"{name}: KDF parameters {params} in header are refused (too costly)")
+
+
+class KeyMaterial:
+    """A resolved secret: a passphrase (stretched by a KDF) or a raw 32-byte key (HKDF)."""
+
+    def __init__(
+        self,
+        *,
+        passphrase: SecretStr | None = None,
+        key: SecretBytes | None = None,
+        kdf: str = "scrypt",
+        kdf_params: tuple[int, int, int] | None = None,
+    ):
+        if (passphrase is None) == (key is None):
+            raise InvalidParameterError("give exactly one of a passphrase or a key")
+        if key is not None and len(key.get_secret_value()) != 32:
+            raise InvalidParameterError("a key must be exactly 32 bytes")
+        if passphrase is not None and not passphrase.get_secret_value():
+            raise InvalidParameterError("the passphrase is empty")
+        if kdf not in ("scrypt", "argon2id"):
+            raise InvalidParameterError(f"unknown KDF {kdf!r} (scrypt or argon2id)")
+        self._passphrase = passphrase
+        self._key = key
+        self._kdf = kdf
+        self._kdf_params = kdf_params
+
+    def __repr__(self) -> str:
+        return f"KeyMaterial({'passphrase' if self._passphrase else 'key'}=**********)"
+
+    @classmethod
+    def from_passphrase(cls, passphrase: str | SecretStr, **kw) -> KeyMaterial:
+        if not isinstance(passphrase, SecretStr):
+            passphrase = SecretStr(passphrase)
+        return cls(passphrase=passphrase, **kw)
+
+    @classmethod
+    def from_key(cls, key: bytes | SecretBytes) -> KeyMaterial:
+        if not isinstance(key, SecretBytes):
+            key = SecretBytes(key)
+        return cls(key=key)
+
+    def kdf_choice(self) -> tuple[int, tuple[int, int, int]]:
+        """KDF id and parameters for a new header."""
+        from hypersdk.crypto.container import KDF_ARGON2ID, KDF_HKDF, KDF_SCRYPT
+
+        if self._key is not None:
+            return KDF_HKDF, (0, 0, 0)
+        if self._kdf == "argon2id":
+            kdf, params = KDF_ARGON2ID, self._kdf_params or ARGON2_DEFAULT
+        else:
+            kdf, params = KDF_SCRYPT, self._kdf_params or SCRYPT_DEFAULT
+        try:
+            check_kdf_params(kdf, tuple(params), "<new>")
+        except DecryptionError:
+            raise InvalidParameterError(f"KDF parameters {params} are out of range") from None
+        return kdf, tuple(params)
+
+    def derive_kek(self, kdf: int, params: tuple[int, int, int], salt: bytes) -> bytes:
+        """The key-encryption key for a header's KDF; a key/passphrase mismatch cannot unwrap."""
+        from hypersdk.crypto.container import KDF_ARGON2ID, KDF_HKDF, KDF_SCRYPT
+
+        if kdf == KDF_HKDF:
+            if self._key is None:
+                raise DecryptionError("this file was encrypted with a key, not a passphrase")
+            from cryptography.hazmat.primitives import hashes
+            from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+            return HKDF(hashes.SHA256(), 32, salt, b"hypersdk-kek-v1").derive(
+                self._key.get_secret_value()
+            )
+        if self._passphrase is None:
+            raise DecryptionError("this file was encrypted with a passphrase, not a key")
+        secret = self._passphrase.get_secret_value().encode()
+        p1, p2, p3 = params
+        if kdf == KDF_SCRYPT:
+            from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+            return Scrypt(salt=salt, length=32, n=1 << p1, r=p2, p=p3).derive(secret)
+        if kdf == KDF_ARGON2ID:
+            from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+
+            return Argon2id(salt=salt, length=32, iterations=p1, lanes=p3, memory_cost=p2).derive(
+                secret
+            )
+        raise DecryptionError(f"unknown KDF {kdf}")
+
+
+def parse_key_bytes(value: bytes, where: str) -> bytes:
+    """32 raw bytes, or 64 hex digits / base64 of 32 bytes (with optional trailing newline)."""
+    if len(value) == 32:
+        return value
+    text = value.strip()
+    for decode in (lambda t: bytes.fromhex(t.decode("ascii")), base64.b64decode):
+        try:
+            raw = decode(text)
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            continue
+        if len(raw) == 32:
+            return raw
+    raise CredentialsError(
+        f"{where}: a key must be 32 random bytes (or 64 hex digits, or base64 of 32 bytes)"
+    )
+
+
+def generate_key_file(path: str | os.PathLike) -> None:
+    """Write a new 32-byte random key, readable by the owner only."""
+    fd = os.open(os.fspath(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(os.urandom(32))
+
+
+class KeySpec(BaseModel):
+    """Where the key comes from; safe to log and to pass as a flow parameter.
+
+    - ``passphrase``: ``ref`` is a file holding the passphrase (first line).
+    - ``keyfile``: ``ref`` is a file holding a 32-byte key.
+    - ``env``: ``ref`` is an environment variable name; holds a passphrase, or a key if ``raw_key``.
+    - ``secret-block``: ``ref`` is a Prefect Secret block name; passphrase, or key if ``raw_key``.
+    - ``gpg``: ``ref`` is the recipient (encrypt); decrypt uses the private key in ``gnupghome``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: Literal["passphrase", "keyfile", "env", "secret-block", "gpg"]
+    ref: str
+    raw_key: bool = False
+    kdf: Literal["scrypt", "argon2id"] = "scrypt"
+    gnupghome: str | None = None
+    chunk_size: int = 1024 * 1024
+
+    def resolve(self) -> KeyMaterial:
+        """Fetch the secret now (never stored in this model)."""
+        if self.method == "gpg":
+            raise InvalidParameterError("a GPG key spec has no symmetric key material")
+        if self.method == "keyfile":
+            return KeyMaterial.from_key(parse_key_bytes(_read_file(self.ref), self.ref))
+        if self.method == "passphrase":
+            return self._passphrase(_read_file(self.ref).decode("utf-8", "replace"), self.ref)
+        if self.method == "env":
+            value = os.environ.get(self.ref)
+            if not value:
+                raise CredentialsError(f"environment variable {self.ref} is not set or empty")
+            return self._from_value(value, f"environment variable {self.ref}")
+        from prefect.blocks.system import Secret  # lazy: the engine imports without Prefect
+
+        try:
+            value = Secret.load(self.ref).get()
+        except ValueError as exc:
+            raise CredentialsError(f"Prefect Secret block {self.ref!r}: {exc}") from None
+        return self._from_value(str(value), f"Prefect Secret block {self.ref!r}")
+
+    def _from_value(self, value: str, where: str) -> KeyMaterial:
+        if self.raw_key:
+            return KeyMaterial.from_key(parse_key_bytes(value.encode(), where))
+        return self._passphrase(value, where)
+
+    def _passphrase(self, text: str, where: str) -> KeyMaterial:
+        text = text.splitlines()[0] if text.strip() else ""
+        if not text:
+            raise CredentialsError(f"{where}: the passphrase is empty")
+        return KeyMaterial.from_passphrase(SecretStr(text), kdf=self.kdf)
+
+
+def _read_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(64 * 1024)
+    except OSError as exc:
+        raise CredentialsError(f"cannot read key file {path}: {exc.strerror}") from None
