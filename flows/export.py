@@ -47,6 +47,10 @@ def pick_base(
         return None, ""
     if not get_driver(req.format).supports_backing:
         return None, f"format {req.format} cannot hold a delta: full export"
+    if req.encryption is not None:
+        # A delta names its base by path, and an encrypted base can't be opened as a backing
+        # file: encrypted exports stay full until backup chains restore through our own reader.
+        return None, "encrypted exports are always full: full export"
     newest = next((d for m in history for d in m.disks if d.name == disk), None)
     if newest is None:
         return None, ""

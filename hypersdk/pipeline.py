@@ -116,16 +116,25 @@ class _OutputChain:
         self.encryption_params = None
         self._encrypt: _TimedSink | None = None
         self.sink: Sink = self.upload
+        self._encryptor = None
         if encryption is not None:
             from hypersdk.crypto import encrypting_sink
 
-            enc = encrypting_sink(encryption, self.upload)
-            self.encryption_params = enc.params() if hasattr(enc, "params") else None
-            self._encrypt = self.sink = _TimedSink(enc)
+            self._encryptor = encrypting_sink(encryption, self.upload)
+            self._encrypt = self.sink = _TimedSink(self._encryptor)
 
     def finish(self) -> None:
-        if self._encrypt is not None:
+        """Seal the encrypted stream (its final chunk) and record its parameters (never a key)."""
+        if self._encryptor is not None:
+            from hypersdk.crypto import object_params
+
             self._encrypt.finish()
+            self.encryption_params = object_params(self._encryptor)
+
+    def close(self) -> None:
+        """Release the encryptor's threads or gpg process (after finish, or on failure)."""
+        if self._encryptor is not None:
+            self._encryptor.close()
 
     def stages(self, reads: StageStats, data_bytes: int, wall: float) -> dict[str, StageStats]:
         stages = {"read": reads, "upload": self.upload.stats}
@@ -167,8 +176,11 @@ def export_stream(
     hasher = ChunkHasher(defined, extents, chunk_size)
     observed = _ObservedSource(source, hasher, progress)
     chain = _OutputChain(out, encryption)
-    driver.write(observed, layout, chain.sink, None)
-    chain.finish()
+    try:
+        driver.write(observed, layout, chain.sink, None)
+        chain.finish()
+    finally:
+        chain.close()
     wall = time.perf_counter() - started
     chunks = hasher.finish() if not hasher.stale else hash_chunks(source, defined, chunk_size)
     return StreamResult(
@@ -213,14 +225,12 @@ def export_ova_stream(
         hashers.append(hasher)
         observed.append(_ObservedSource(source, hasher, progress))
     chain = _OutputChain(out, encryption)
-    write_ova(
-        vm,
-        [(info, obs, ext) for (info, _, ext), obs in zip(disks, observed, strict=True)],
-        chain.sink,
-        None,
-        options,
-    )
-    chain.finish()
+    try:
+        members = [(info, obs, ext) for (info, _, ext), obs in zip(disks, observed, strict=True)]
+        write_ova(vm, members, chain.sink, None, options)
+        chain.finish()
+    finally:
+        chain.close()
     wall = time.perf_counter() - started
     reads = StageStats(sum(o.stats.bytes for o in observed), sum(o.stats.seconds for o in observed))
     packaged = []

@@ -196,3 +196,43 @@ def test_ova_export_of_a_multi_disk_vm(prefect_api, tmp_path, qemu_img):
             text=True,
         )
         assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_encrypted_export_decrypts_to_the_disk(prefect_api, vm_root, tmp_path, qemu_img):
+    """encryption={keyfile}: the stored object is ciphertext; decrypted, it is the disk in qcow2."""
+    from flows.migrate import migrate_vm
+    from hypersdk.crypto import decrypt_file
+    from hypersdk.crypto.keys import KeySpec, generate_key_file
+    from hypersdk.errors import DecryptionError
+    from hypersdk.verify import verify_export
+    from providers import open_target
+
+    key = tmp_path / "export.key"
+    generate_key_file(key)
+    target = tmp_path / "enc"
+    spec = {"method": "keyfile", "ref": str(key)}
+    r = migrate_vm(source=str(vm_root), vm="app01", target=str(target), encryption=spec)
+    stored = target / r.disks[0].key
+    assert r.encrypted and r.verified and stored.name.endswith(".qcow2.hsenc")
+    assert not stored.read_bytes().startswith(b"QFI\xfb")
+    manifest = ExportManifest.from_json(
+        (target / f"app01/{r.export_id}/manifest.json").read_bytes()
+    )
+    params = manifest.disks[0].encryption
+    assert params and "key" not in json.dumps(params).lower().replace("keyfile", "")
+    plain = tmp_path / "plain.qcow2"
+    decrypt_file(stored, plain, KeySpec.model_validate(spec))
+    qemu.check(plain, "qcow2")
+    qemu.compare(vm_root / "app01/disk0.img", plain, "raw", "qcow2")
+    # a second run stays full (no delta over an encrypted base) and verification needs the key
+    mutate_disk(vm_root / "app01/disk0.img", 2, seed=8)
+    r2 = migrate_vm(source=str(vm_root), vm="app01", target=str(target), encryption=spec)
+    assert r2.kind == "full" and "encrypted" in r2.disks[0].note
+    other = tmp_path / "other.key"
+    generate_key_file(other)
+    with pytest.raises(DecryptionError):
+        verify_export(
+            open_target(str(target)),
+            f"app01/{r2.export_id}/manifest.json",
+            KeySpec(method="keyfile", ref=str(other)),
+        )

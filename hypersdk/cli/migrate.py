@@ -56,13 +56,13 @@ def encryption_ref(
             "choose one of --key-file, --passphrase-file, --passphrase-env, --gpg-recipient"
         )
     if key_file:
-        return {"method": "keyfile", "path": key_file}
+        return {"method": "keyfile", "ref": key_file}
     if passphrase_file:
-        return {"method": "passphrase", "path": passphrase_file}
+        return {"method": "passphrase", "ref": passphrase_file}
     if passphrase_env:
-        return {"method": "env", "env": passphrase_env}
+        return {"method": "env", "ref": passphrase_env}
     if gpg_recipient:
-        return {"method": "gpg", "recipient": gpg_recipient}
+        return {"method": "gpg", "ref": gpg_recipient}
     return None
 
 
