@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from functools import cache
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from hypersdk.errors import InvalidParameterError
 from providers.base import Source, Target
@@ -45,9 +45,57 @@ def _scheme(url: str, default: str) -> str:
     return default if len(scheme) <= 1 else scheme.lower()
 
 
+# Option names that carry secrets: refused in URLs (URLs end up in logs, parameters, manifests).
+SECRET_OPTIONS = frozenset(
+    {
+        "password",
+        "access_key_id",
+        "secret_access_key",
+        "session_token",
+        "account_key",
+        "sas_token",
+        "connection_string",
+        "credentials_json",
+    }
+)
+
+
+def _coerce(value: str) -> str | int | float | bool:
+    low = value.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def split_options(url: str) -> tuple[str, dict]:
+    """``s3://b/p?storage_class=GLACIER&endpoint_url=...`` -> (``s3://b/p``, options).
+
+    Options in the URL let one string carry a target's settings through flows and tasks; the
+    secrets among them are refused (they belong in env vars, files or Prefect Secret blocks).
+    """
+    parts = urlsplit(url)
+    if len(parts.scheme) <= 1 or not parts.query:
+        return url, {}
+    options = {}
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name in SECRET_OPTIONS:
+            raise InvalidParameterError(
+                f"{name} must not be given in a URL: use the environment or a Prefect Secret block"
+            )
+        options[name] = _coerce(value)
+    return urlunsplit(parts._replace(query="")), options
+
+
 def open_source(url: str, **options) -> Source:
     """A Source for ``url`` (``local:///dir``, ``vsphere://host/DC/vm/...``, a bare path...)."""
     scheme = _scheme(url, "local")
+    url, from_url = split_options(url)
+    options = {**from_url, **options}
     try:
         cls = source_classes()[scheme]
     except KeyError:
@@ -61,6 +109,8 @@ def open_source(url: str, **options) -> Source:
 def open_target(url: str, **options) -> Target:
     """A Target for ``url`` (``file:///dir``, a bare path, ``s3://bucket/prefix``...)."""
     scheme = _scheme(url, "file")
+    url, from_url = split_options(url)
+    options = {**from_url, **options}
     try:
         cls = target_classes()[scheme]
     except KeyError:

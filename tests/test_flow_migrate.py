@@ -236,3 +236,34 @@ def test_encrypted_export_decrypts_to_the_disk(prefect_api, vm_root, tmp_path, q
             f"app01/{r2.export_id}/manifest.json",
             KeySpec(method="keyfile", ref=str(other)),
         )
+
+
+def test_encrypted_export_to_s3(prefect_api, moto_s3, vm_root, tmp_path, monkeypatch, qemu_img):
+    """The same flow streams an encrypted qcow2 into an S3 multipart upload (moto server)."""
+    from flows.migrate import migrate_vm
+    from hypersdk.crypto import DecryptingReader
+    from hypersdk.crypto.keys import KeySpec, generate_key_file
+    from providers import open_target
+    from tests.fixtures.moto_server import ACCESS_KEY, SECRET_KEY
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    bucket = moto_s3.new_bucket()
+    url = (
+        f"s3://{bucket}/vms?endpoint_url={moto_s3.endpoint_url}&region={moto_s3.region}"
+        "&addressing_style=path&storage_class=STANDARD_IA"
+    )
+    key = tmp_path / "k"
+    generate_key_file(key)
+    spec = KeySpec(method="keyfile", ref=str(key))
+    r = migrate_vm(source=str(vm_root), vm="app01", target=url, encryption=spec.model_dump())
+    assert r.verified and r.disks[0].location.startswith(f"s3://{bucket}/vms/app01/")
+    head = moto_s3.client().head_object(Bucket=bucket, Key=f"vms/{r.disks[0].key}")
+    assert head.get("StorageClass") == "STANDARD_IA"
+    target = open_target(url)
+    reader = DecryptingReader(target.open_reader(r.disks[0].key), spec.resolve())
+    plain = tmp_path / "plain.qcow2"
+    plain.write_bytes(reader.read(0, reader.size))
+    qemu.compare(vm_root / "app01/disk0.img", plain, "raw", "qcow2")
+    with pytest.raises(InvalidParameterError, match="must not be given in a URL"):
+        migrate_vm(source=str(vm_root), vm="app01", target=url + "&secret_access_key=x")
