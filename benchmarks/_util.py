@@ -26,6 +26,21 @@ def best_of(n: int, argv: list[str], cleanup: list[Path] = (), env: dict | None 
     return best
 
 
+def best_interleaved(rounds: int, contenders: list[tuple[list[str], list[Path]]]):
+    """Best (wall, RSS, stdout) of each contender over ``rounds`` round-robin rounds.
+
+    Interleaving spreads the machine's slow phases (page-cache writeback of earlier runs) over
+    every contender instead of penalising whoever runs after the heaviest writer.
+    """
+    best: list = [None] * len(contenders)
+    for _ in range(rounds):
+        for i, (argv, cleanup) in enumerate(contenders):
+            result = best_of(1, argv, cleanup)
+            if best[i] is None or result[0] < best[i][0]:
+                best[i] = result
+    return best
+
+
 def run_measured(argv: list[str], env: dict | None = None) -> tuple[float, float, str]:
     """(wall seconds, peak RSS MiB, stdout) of one child process, via wait4's rusage."""
     started = time.perf_counter()
