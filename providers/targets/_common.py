@@ -43,6 +43,41 @@ def strip_prefix(prefix: str, name: str) -> str:
     return name[len(prefix) + 1 :] if prefix else name
 
 
+def choose(value: str | None, allowed: tuple[str, ...], what: str) -> str | None:
+    """``value`` matched case-insensitively against ``allowed``, in its canonical spelling."""
+    if value is None:
+        return None
+    for option in allowed:
+        if option.lower() == value.lower():
+            return option
+    raise InvalidParameterError(f"{what} {value!r} is not one of {', '.join(allowed)}")
+
+
+class RangedObjectReader:
+    """RangeReader over one stored object: each read is one ranged GET; past the end reads zeros.
+
+    Subclasses fetch bytes ``[offset, end)`` of the object, ``end`` never past its size.
+    """
+
+    def __init__(self, name: str, size: int):
+        self.name = name  # safe to show: scheme://bucket/key
+        self.size = size
+
+    @abstractmethod
+    def _fetch(self, offset: int, end: int) -> bytes: ...
+
+    def read(self, offset: int, length: int) -> bytes:
+        if length <= 0 or offset >= self.size:
+            return bytes(max(0, length))
+        data = self._fetch(offset, min(offset + length, self.size))
+        if len(data) < length:
+            data += bytes(length - len(data))
+        return data
+
+    def close(self) -> None:
+        """Nothing to release: each read is its own request on the target's pooled client."""
+
+
 class PartUploadWriter(ObjectWriter):
     """ObjectWriter streaming parts to a pool. Subclasses say how to upload and publish.
 

@@ -25,7 +25,15 @@ from hypersdk.errors import (
 )
 from hypersdk.models import ObjectInfo
 from providers.base import ObjectWriter, Target
-from providers.targets._common import MiB, PartUploadWriter, join_key, split_url, strip_prefix
+from providers.targets._common import (
+    MiB,
+    PartUploadWriter,
+    RangedObjectReader,
+    choose,
+    join_key,
+    split_url,
+    strip_prefix,
+)
 
 TIERS = ("Hot", "Cool", "Cold", "Archive")
 DEFAULT_BLOCK = 8 * MiB
@@ -86,26 +94,18 @@ class AzureBlockWriter(PartUploadWriter):
         pass  # nothing was committed: uncommitted blocks are never visible and expire
 
 
-class AzureRangeReader:
+class AzureRangeReader(RangedObjectReader):
     def __init__(self, target: AzureBlobTarget, name: str, size: int):
+        super().__init__(target.location(strip_prefix(target.prefix, name)), size)
         self._t = target
         self._key = name
         self._blob = target.container.get_blob_client(name)
-        self.name = target.location(strip_prefix(target.prefix, name))
-        self.size = size
 
-    def read(self, offset: int, length: int) -> bytes:
-        if length <= 0 or offset >= self.size:
-            return bytes(max(0, length))
-        n = min(length, self.size - offset)
+    def _fetch(self, offset: int, end: int) -> bytes:
         with self._t.errors(self._key):
-            data = self._blob.download_blob(offset=offset, length=n, max_concurrency=1).readall()
-        if len(data) < length:
-            data += bytes(length - len(data))
-        return data
-
-    def close(self) -> None:
-        pass
+            return self._blob.download_blob(
+                offset=offset, length=end - offset, max_concurrency=1
+            ).readall()
 
 
 class AzureBlobTarget(Target):
@@ -141,13 +141,7 @@ class AzureBlobTarget(Target):
 
         self.container_name = container
         self.prefix = prefix
-        if tier is not None:
-            match = [t for t in TIERS if t.lower() == tier.lower()]
-            if not match:
-                raise InvalidParameterError(
-                    f"Azure access tier {tier!r} is not one of {', '.join(TIERS)}"
-                )
-            tier = match[0]
+        tier = choose(tier, TIERS, "Azure access tier")
         self.tier_name = tier
         self.tier = None
         if tier is not None:

@@ -27,7 +27,15 @@ from hypersdk.errors import (
 )
 from hypersdk.models import ObjectInfo
 from providers.base import ObjectWriter, Target
-from providers.targets._common import MiB, PartUploadWriter, join_key, split_url, strip_prefix
+from providers.targets._common import (
+    MiB,
+    PartUploadWriter,
+    RangedObjectReader,
+    choose,
+    join_key,
+    split_url,
+    strip_prefix,
+)
 
 STORAGE_CLASSES = ("STANDARD", "NEARLINE", "COLDLINE", "ARCHIVE")
 CHUNK_ALIGN = 256 * 1024
@@ -118,28 +126,22 @@ class GCSResumableWriter(PartUploadWriter):
                 self._t.session.request("DELETE", self._session_uri, timeout=self._t.timeout)
 
 
-class GCSRangeReader:
+class GCSRangeReader(RangedObjectReader):
     def __init__(self, target: GCSTarget, name: str, size: int):
+        super().__init__(target.location(strip_prefix(target.prefix, name)), size)
         self._t = target
         self._key = name
         self._blob = target.bucket_obj.blob(name)
-        self.name = target.location(strip_prefix(target.prefix, name))
-        self.size = size
 
-    def read(self, offset: int, length: int) -> bytes:
-        if length <= 0 or offset >= self.size:
-            return bytes(max(0, length))
-        end = min(offset + length, self.size) - 1
+    def _fetch(self, offset: int, end: int) -> bytes:
         with self._t.errors(self._key):
-            data = self._blob.download_as_bytes(
-                start=offset, end=end, checksum=None, timeout=self._t.timeout, retry=self._t.retry
+            return self._blob.download_as_bytes(
+                start=offset,
+                end=end - 1,
+                checksum=None,
+                timeout=self._t.timeout,
+                retry=self._t.retry,
             )
-        if len(data) < length:
-            data += bytes(length - len(data))
-        return data
-
-    def close(self) -> None:
-        pass
 
 
 class GCSTarget(Target):
@@ -173,14 +175,7 @@ class GCSTarget(Target):
 
         self.bucket = bucket
         self.prefix = prefix
-        if storage_class is not None:
-            storage_class = storage_class.upper()
-            if storage_class not in STORAGE_CLASSES:
-                raise InvalidParameterError(
-                    f"GCS storage class {storage_class!r} is not one of "
-                    f"{', '.join(STORAGE_CLASSES)}"
-                )
-        self.storage_class = storage_class
+        self.storage_class = choose(storage_class, STORAGE_CLASSES, "GCS storage class")
         chunk = chunk_size or DEFAULT_CHUNK
         if chunk <= 0 or chunk % CHUNK_ALIGN:
             raise InvalidParameterError(

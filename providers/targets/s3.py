@@ -25,7 +25,15 @@ from hypersdk.errors import (
 )
 from hypersdk.models import ObjectInfo
 from providers.base import ObjectWriter, Target
-from providers.targets._common import MiB, PartUploadWriter, join_key, split_url, strip_prefix
+from providers.targets._common import (
+    MiB,
+    PartUploadWriter,
+    RangedObjectReader,
+    choose,
+    join_key,
+    split_url,
+    strip_prefix,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,30 +142,20 @@ class S3ObjectWriter(PartUploadWriter):
             )
 
 
-class S3RangeReader:
-    """RangeReader over one object: each read is a GET with a Range header."""
+class S3RangeReader(RangedObjectReader):
+    """Each read is a GET with a Range header."""
 
     def __init__(self, target: S3Target, key: str, size: int):
+        super().__init__(target.location(strip_prefix(target.prefix, key)), size)
         self._t = target
         self._key = key
-        self.name = target.location(strip_prefix(target.prefix, key))
-        self.size = size
 
-    def read(self, offset: int, length: int) -> bytes:
-        if length <= 0 or offset >= self.size:
-            return bytes(max(0, length))
-        end = min(offset + length, self.size) - 1
+    def _fetch(self, offset: int, end: int) -> bytes:
         with self._t.errors(self._key):
             resp = self._t.client.get_object(
-                Bucket=self._t.bucket, Key=self._key, Range=f"bytes={offset}-{end}"
+                Bucket=self._t.bucket, Key=self._key, Range=f"bytes={offset}-{end - 1}"
             )
-            data = resp["Body"].read()
-        if len(data) < length:
-            data += bytes(length - len(data))
-        return data
-
-    def close(self) -> None:
-        pass
+            return resp["Body"].read()
 
 
 class S3Target(Target):
@@ -197,13 +195,7 @@ class S3Target(Target):
         self.bucket = bucket
         self.prefix = prefix
         self.endpoint_url = endpoint_url
-        if storage_class is not None:
-            storage_class = storage_class.upper()
-            if storage_class not in STORAGE_CLASSES:
-                raise InvalidParameterError(
-                    f"S3 storage class {storage_class!r} is not one of {', '.join(STORAGE_CLASSES)}"
-                )
-        self.storage_class = storage_class
+        self.storage_class = choose(storage_class, STORAGE_CLASSES, "S3 storage class")
         if sse is not None and sse not in SSE_MODES:
             raise InvalidParameterError(f"S3 sse must be AES256 or aws:kms, got {sse!r}")
         if kms_key_id and sse != "aws:kms":
