@@ -219,11 +219,11 @@ def export_ova_stream(
     from hypersdk.formats.ova import disk_member_names, write_ova
 
     started = time.perf_counter()
-    hashers, observed = [], []
-    for _, source, extents in disks:
-        hasher = ChunkHasher(ExtentMap.full(extents.size), extents, chunk_size)
-        hashers.append(hasher)
-        observed.append(_ObservedSource(source, hasher, progress))
+    # every disk of a package is exported whole, so each one defines its full size
+    hashers = [ChunkHasher(ExtentMap.full(ext.size), ext, chunk_size) for _, _, ext in disks]
+    observed = [
+        _ObservedSource(src, h, progress) for (_, src, _), h in zip(disks, hashers, strict=True)
+    ]
     chain = _OutputChain(out, encryption)
     try:
         members = [(info, obs, ext) for (info, _, ext), obs in zip(disks, observed, strict=True)]
@@ -236,8 +236,11 @@ def export_ova_stream(
     packaged = []
     names = disk_member_names(vm, len(disks))
     for (_, source, extents), hasher, name in zip(disks, hashers, names, strict=True):
-        full = ExtentMap.full(extents.size)
-        chunks = hasher.finish() if not hasher.stale else hash_chunks(source, full, chunk_size)
+        chunks = (
+            hasher.finish()
+            if not hasher.stale
+            else hash_chunks(source, ExtentMap.full(extents.size), chunk_size)
+        )
         packaged.append(PackagedDisk(name, source.size, extents.data_bytes, chunks))
     data = sum(p.data_bytes for p in packaged)
     result = StreamResult(
