@@ -19,11 +19,12 @@ import hashlib
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-
-from pydantic import ValidationError
+from typing import TYPE_CHECKING
 
 from hypersdk.errors import FormatError
-from hypersdk.models import DiskInfo, NicInfo, VMInfo
+
+if TYPE_CHECKING:  # pydantic models load on use: opening an image must not pay for them
+    from hypersdk.models import DiskInfo, VMInfo
 
 OVF_NS = "http://schemas.dmtf.org/ovf/envelope/1"
 RASD_NS = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData"
@@ -309,6 +310,8 @@ def _attr(el: ET.Element, local: str) -> str | None:
 
 def parse_ovf(data: bytes, name: str = "descriptor.ovf") -> tuple[VMInfo, list[DiskFile]]:
     """The VM and its disk files described by an OVF descriptor."""
+    from pydantic import ValidationError
+
     try:
         return _parse_ovf(data, name)
     except ValidationError as exc:
@@ -318,6 +321,8 @@ def parse_ovf(data: bytes, name: str = "descriptor.ovf") -> tuple[VMInfo, list[D
 
 
 def _parse_ovf(data: bytes, name: str) -> tuple[VMInfo, list[DiskFile]]:
+    from hypersdk.models import DiskInfo, NicInfo, VMInfo
+
     root = _safe_xml(data, name)
     if _local(root.tag) != "Envelope":
         raise FormatError(name, f"root element is {_local(root.tag)}, not an OVF Envelope")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from hypersdk.units import human
+
 
 class DiskResult(BaseModel):
     name: str
@@ -54,14 +56,6 @@ class MigrationResult(BaseModel):
     def throughput(self) -> float:
         """Guest bytes covered per second (virtual size / wall time), in MB/s."""
         return self.virtual_bytes / self.seconds / 1e6 if self.seconds else 0.0
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _stage_line(d: DiskResult) -> str:

@@ -12,7 +12,6 @@ import sys
 from typing import Annotated
 
 import typer
-from pydantic import SecretStr
 
 from hypersdk.cli.common import byte_counter, progress_bar
 from hypersdk.errors import CredentialsError, InvalidParameterError
@@ -58,6 +57,8 @@ def _key(
     secret = getpass.getpass("Passphrase: ")
     if confirm and getpass.getpass("Repeat passphrase: ") != secret:
         raise CredentialsError("the passphrases do not match")
+    from pydantic import SecretStr
+
     return KeyMaterial.from_passphrase(SecretStr(secret), kdf=kdf)
 
 

@@ -10,10 +10,9 @@ import typer
 from rich.console import Console
 
 from hypersdk.cli.common import byte_counter, parse_options, progress_bar
-from hypersdk.convert import convert_image
 from hypersdk.errors import FormatError
 from hypersdk.formats import get_driver, open_image
-from hypersdk.summary import human
+from hypersdk.units import human
 
 out = Console(soft_wrap=True)
 
@@ -31,8 +30,19 @@ def convert(
         list[str] | None, typer.Option("-o", "--option", help="Format option key=value")
     ] = None,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bars")] = False,
+    cache: Annotated[
+        str,
+        typer.Option(
+            "-t",
+            "--cache",
+            help="Output cache mode, as qemu-img's -t: none (O_DIRECT + fsync, the default), "
+            "writeback (page cache + fsync) or unsafe (page cache, no fsync: qemu-img's default)",
+        ),
+    ] = "none",
 ) -> None:
     """Convert a disk image to another format, natively (no qemu-img)."""
+    from hypersdk.convert import convert_image
+
     options = parse_options(option)
     get_driver(output_format).check_options(options)
     with (
@@ -42,7 +52,7 @@ def convert(
         scan = byte_counter(bar, "scan", image.extents().defined_bytes)
         write = byte_counter(bar, "convert", None)
         result = convert_image(
-            image, dst, output_format, options, progress=write, scan_progress=scan
+            image, dst, output_format, options, progress=write, scan_progress=scan, cache=cache
         )
     if not quiet:
         out.print(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -15,8 +15,10 @@ from rich.table import Table
 
 from hypersdk import config, progress
 from hypersdk.cli.common import parse_options, progress_bar
-from hypersdk.requests import validate_request
-from hypersdk.summary import MigrationResult, human, render_text
+from hypersdk.units import human
+
+if TYPE_CHECKING:  # pydantic-backed modules load when a command runs, not at CLI start-up
+    from hypersdk.summary import MigrationResult
 
 out = Console(soft_wrap=True)
 vms_app = typer.Typer(help="Inventory of a source.", no_args_is_help=True)
@@ -88,6 +90,8 @@ def live_progress(enabled: bool) -> Iterator[None]:
 
 
 def _show(result: MigrationResult) -> None:
+    from hypersdk.summary import render_text
+
     out.print(render_text(result), highlight=False, soft_wrap=True)
 
 
@@ -125,6 +129,8 @@ def migrate(
         encryption=encryption_ref(key_file, passphrase_file, passphrase_env, gpg_recipient),
         verify=not no_verify,
     )
+    from hypersdk.requests import validate_request
+
     validate_request(**params)  # fail fast, before a flow run (and an API server) starts
 
     from flows.migrate import migrate_vm
@@ -152,6 +158,8 @@ def backup(
         full_every=full_every,
         encryption=encryption_ref(key_file, passphrase_file, passphrase_env, gpg_recipient),
     )
+    from hypersdk.requests import validate_request
+
     validate_request(**params)
 
     from flows.backup import backup_vm

@@ -30,6 +30,7 @@ import tarfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from hypersdk.errors import FormatError, InvalidParameterError
 from hypersdk.extents import ExtentMap
@@ -37,8 +38,10 @@ from hypersdk.formats.base import DiskImage, FormatDriver, Layout, Progress, Rea
 from hypersdk.formats.vmdk import DRIVER as VMDK
 from hypersdk.formats.vmdk import VmdkLayout
 from hypersdk.io import FileRangeReader, RangeReader, Sink
-from hypersdk.models import DiskInfo, VMInfo
 from hypersdk.ovf import DiskFile, build_manifest, build_ovf, parse_manifest, parse_ovf
+
+if TYPE_CHECKING:
+    from hypersdk.models import DiskInfo, VMInfo
 
 BLOCK = 512
 MAX_META_MEMBER = 16 * 1024 * 1024  # .ovf, .mf, pax headers: anything bigger is refused
@@ -511,6 +514,8 @@ class OvaDriver(FormatDriver):
     ) -> None:
         if not isinstance(layout, OvaLayout):
             raise InvalidParameterError("ova write needs a layout from ova plan")
+        from hypersdk.models import DiskInfo, VMInfo
+
         vm = VMInfo(
             name=layout.vm_name,
             id=layout.vm_name,

@@ -57,7 +57,7 @@ from hypersdk.errors import FormatError, InvalidParameterError, UnsupportedForma
 from hypersdk.extents import Extent, ExtentMap
 from hypersdk.formats import _qcow2_layout as L
 from hypersdk.formats.base import DiskImage, FormatDriver, Layout, Progress, Readable
-from hypersdk.io import IO_CHUNK, RangeReader, Sink, read_ahead
+from hypersdk.io import IO_CHUNK, RangeReader, Sink, read_ahead, read_pieces
 
 DEFAULT_CLUSTER = 64 * 1024
 REFCOUNT_ORDER = 4  # 16-bit refcounts, what qemu writes
@@ -348,7 +348,7 @@ class _Writer:
         meta = lo.meta
         assert meta is not None
         self._emit_metadata(meta, None, None)
-        for piece, data in read_ahead(self.src, self._pieces()):
+        for piece, data in read_pieces(self.src, self._pieces()):
             self.out.write(data)
             if len(data) % cs:
                 self.out.write_zeros(-len(data) % cs)

@@ -8,7 +8,7 @@ from hypersdk.blockmap import nonzero_extents
 from hypersdk.errors import FormatError
 from hypersdk.extents import ExtentMap
 from hypersdk.formats.base import DiskImage, FormatDriver, Layout, Progress, Readable
-from hypersdk.io import IO_CHUNK, FileRangeReader, RangeReader, Sink, read_ahead
+from hypersdk.io import IO_CHUNK, FileRangeReader, RangeReader, Sink, read_pieces
 
 SPARSE_BLOCK = 4096
 
@@ -27,6 +27,18 @@ class RawImage(DiskImage):
                 self.name, f"read {offset}+{length} beyond disk end {self.virtual_size}"
             )
         return self.reader.read(offset, length)
+
+    def readinto(self, offset: int, view: memoryview) -> None:
+        length = len(view)
+        if offset < 0 or offset + length > self.virtual_size:
+            raise FormatError(
+                self.name, f"read {offset}+{length} beyond disk end {self.virtual_size}"
+            )
+        readinto = getattr(self.reader, "readinto", None)
+        if readinto is not None:
+            readinto(offset, view)
+        else:
+            view[:] = self.reader.read(offset, length)
 
 
 class RawDriver(FormatDriver):
@@ -51,12 +63,12 @@ class RawDriver(FormatDriver):
         self, source: Readable, layout: Layout, out: Sink, progress: Progress | None = None
     ) -> None:
         pos = 0
-        for piece, data in read_ahead(source, layout.extents.split(IO_CHUNK)):
+        for piece, data in read_pieces(source, layout.extents.split(IO_CHUNK)):
             out.write_zeros(piece.offset - pos)
             pos = piece.offset
             for ext in nonzero_extents(data, piece.offset, SPARSE_BLOCK):
                 out.write_zeros(ext.offset - pos)
-                out.write(memoryview(data)[ext.offset - piece.offset : ext.end - piece.offset])
+                out.write(data[ext.offset - piece.offset : ext.end - piece.offset])
                 pos = ext.end
             if progress:
                 progress(piece.length)

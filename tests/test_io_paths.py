@@ -1,0 +1,222 @@
+"""The fast I/O paths: reused read buffers, vectorised zero detection, probing scans, direct I/O
+sinks and the cache modes of atomic publication. Each is checked against a plain reference."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hypersdk.atomic import CACHE_MODES, atomic_file
+from hypersdk.blockmap import BlockMap, nonzero_extents, zero_blocks
+from hypersdk.convert import scan_data_extents
+from hypersdk.errors import DiskReadError, InvalidParameterError
+from hypersdk.extents import Extent, ExtentMap
+from hypersdk.formats import open_image
+from hypersdk.imagegen import write_realistic_disk
+from hypersdk.io import FileRangeReader, read_pieces
+from tests import qemu
+from tests.test_cli import hyperctl, one_line_error
+
+KiB, MiB = 1024, 1024 * 1024
+
+
+def _reference_zero_flags(data: bytes, block: int) -> list[bool]:
+    return [not any(data[i : i + block]) for i in range(0, len(data), block)]
+
+
+# -- zero detection ---------------------------------------------------------------------------
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([0, 1, 2, 3]), st.integers(1, 3 * 4096)),
+        min_size=1,
+        max_size=12,
+    ),
+    st.sampled_from([512, 4096, 65536, 1000]),
+)
+def test_zero_blocks_match_reference(parts, block):
+    # runs of zeros, of data, of data starting with a zero word, and of a lone trailing byte
+    chunks = []
+    for kind, n in parts:
+        if kind == 0:
+            chunks.append(bytes(n))
+        elif kind == 1:
+            chunks.append(os.urandom(n))
+        elif kind == 2:
+            chunks.append(bytes(min(n, 8)) + b"\x01" * max(0, n - 8))
+        else:
+            chunks.append(bytes(n - 1) + b"\x07")
+    data = b"".join(chunks)
+    flags = zero_blocks(memoryview(data), block)
+    assert flags.tolist() == _reference_zero_flags(data, block)
+    runs = list(nonzero_extents(data, 1000, block))
+    expect = [i for i, z in enumerate(_reference_zero_flags(data, block)) if not z]
+    covered = sorted(
+        {(e.offset - 1000) // block + k for e in runs for k in range(-(-e.length // block))}
+    )
+    assert covered == expect
+    assert all(e.end - 1000 <= len(data) for e in runs)
+
+
+# -- read_pieces ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def disk(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("io") / "disk.raw"
+    write_realistic_disk(path, 24 * MiB + 4097, seed=11)
+    with open(path, "r+b") as f:  # data blocks that start with a zero word, and a zero block
+        f.seek(3 * 65536)
+        f.write(bytes(8) + b"late data")
+        f.seek(5 * 65536 + 65535)
+        f.write(b"\x01")
+        f.seek(7 * 65536)
+        f.write(bytes(65536))
+    return path
+
+
+class _NoReadinto:
+    def __init__(self, reader):
+        self.size = reader.size
+        self.read = reader.read
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_read_pieces_gives_the_bytes_in_order(disk, threads):
+    with FileRangeReader(disk) as reader:
+        pieces = list(ExtentMap.full(reader.size).split(1 * MiB + 512))
+        got = [
+            (piece, bytes(view))
+            for piece, view in read_pieces(reader, pieces, chunk=2 * MiB, threads=threads)
+        ]
+        assert [p for p, _ in got] == pieces
+        for piece, data in got:
+            assert data == reader.read(piece.offset, piece.length)
+        # the fallback for sources that can only read()
+        plain = [bytes(v) for _, v in read_pieces(_NoReadinto(reader), pieces, chunk=2 * MiB)]
+        assert plain == [d for _, d in got]
+
+
+def test_read_pieces_raises_read_errors_and_stops_cleanly(disk):
+    class Failing:
+        size = 64 * MiB
+
+        def __init__(self):
+            self.calls = 0
+
+        def readinto(self, offset, view):
+            self.calls += 1
+            if offset >= 8 * MiB:
+                raise DiskReadError(f"boom at {offset}")
+            view[:] = bytes(len(view))
+
+        def read(self, offset, length):  # pragma: no cover - not used when readinto exists
+            raise AssertionError
+
+    src = Failing()
+    with pytest.raises(DiskReadError, match="boom"):
+        for _ in read_pieces(src, ExtentMap.full(src.size).split(MiB), chunk=MiB):
+            pass
+    # abandoning the generator early joins its threads (no hang, no further reads piling up)
+    src = Failing()
+    gen = read_pieces(src, ExtentMap.full(4 * MiB).split(MiB), chunk=MiB, depth=2)
+    next(gen)
+    gen.close()
+    assert src.calls <= 4
+    with pytest.raises(ValueError, match="exceeds chunk"):
+        list(read_pieces(src, [Extent(0, 2 * MiB)], chunk=MiB))
+
+
+# -- scans --------------------------------------------------------------------------------------
+def test_probe_scan_equals_full_scan_and_block_map(disk):
+    with open_image(disk) as image:
+        candidates = image.extents()
+        full = scan_data_extents(image, candidates)
+        probed = scan_data_extents(image, candidates, probe=True)
+        assert list(probed) == list(full)
+        data = image.read(0, image.size)
+    expect = [i for i, z in enumerate(_reference_zero_flags(data, 65536)) if not z]
+    blocks = sorted({e.offset // 65536 + k for e in full for k in range(-(-e.length // 65536))})
+    assert blocks == expect
+    assert 3 in blocks and 5 in blocks and 7 not in blocks
+    with FileRangeReader(disk) as reader:
+        bmap = BlockMap.scan(reader, reader.allocated())
+    assert np.flatnonzero(bmap.hashes).tolist() == expect
+
+
+# -- sinks and cache modes ----------------------------------------------------------------------
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("w"), st.sampled_from([1, 7, 4095, 4096, 4097, 65536, 3 * MiB + 5])),
+        st.tuples(st.just("z"), st.sampled_from([1, 100, 4096, 5000, 2 * MiB, 9 * MiB + 3])),
+    ),
+    min_size=1,
+    max_size=16,
+)
+
+
+def _play(ops, seed):
+    rng = np.random.default_rng(seed)
+    expect = bytearray()
+    steps = []
+    for kind, n in ops:
+        data = rng.integers(1, 256, n, dtype=np.uint8).tobytes() if kind == "w" else n
+        steps.append((kind, data))
+        expect += data if kind == "w" else bytes(n)
+    return steps, bytes(expect)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(_OPS, st.integers(0, 2**32 - 1), st.sampled_from(CACHE_MODES))
+def test_atomic_file_cache_modes_write_exact_bytes(tmp_path, ops, seed, cache):
+    steps, expect = _play(ops, seed)
+    path = tmp_path / f"out-{cache}.bin"
+    with atomic_file(path, cache) as sink:
+        for kind, data in steps:
+            sink.write(memoryview(data)) if kind == "w" else sink.write_zeros(data)
+        assert sink.tell() == len(expect)
+    assert path.read_bytes() == expect
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_direct_sink_keeps_holes_and_falls_back_where_refused(tmp_path):
+    path = tmp_path / "sparse.bin"
+    with atomic_file(path, "none") as sink:
+        sink.write(b"x" * 5000)
+        sink.write_zeros(64 * MiB)
+        sink.write(b"y")
+    assert path.stat().st_size == 5000 + 64 * MiB + 1
+    assert path.stat().st_blocks * 512 < 1 * MiB  # the zeros stayed a hole
+    with open(path, "rb") as f:
+        assert f.read(5000) == b"x" * 5000
+        f.seek(5000 + 64 * MiB)
+        assert f.read() == b"y"
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):  # tmpfs refuses O_DIRECT: page cache instead
+        with tempfile.TemporaryDirectory(dir=shm) as d:
+            out = Path(d) / "t.bin"
+            with atomic_file(out, "none") as sink:
+                sink.write(b"abc" * 5000)
+            assert out.read_bytes() == b"abc" * 5000
+    with pytest.raises(InvalidParameterError, match="cache mode"), atomic_file(tmp_path / "b", "x"):
+        pass
+
+
+@pytest.mark.parametrize("cache", CACHE_MODES)
+def test_convert_cache_modes_cli(disk, tmp_path, cache, qemu_img):
+    out = tmp_path / f"out-{cache}.qcow2"
+    res = hyperctl("convert", "-q", "-t", cache, disk, out)
+    assert res.returncode == 0, res.stderr
+    qemu.check(out, "qcow2")
+    qemu.compare(disk, out, "raw", "qcow2")
+
+
+def test_convert_rejects_unknown_cache_mode(disk, tmp_path):
+    one_line_error(hyperctl("convert", "-t", "fast", disk, tmp_path / "x.qcow2"), "cache mode")
+    assert not (tmp_path / "x.qcow2").exists()
