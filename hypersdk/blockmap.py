@@ -115,7 +115,7 @@ class BlockMap:
         chunk = max(block_size, IO_CHUNK // block_size * block_size)
         pieces = allocated.aligned(block_size).split(chunk)
         xxh3 = xxhash.xxh3_64_intdigest
-        for piece, view in read_pieces(reader, pieces, chunk=chunk):
+        for piece, view in read_pieces(reader, pieces, chunk=chunk, threads=2):
             first = piece.offset // block_size
             for j in np.flatnonzero(~zero_blocks(view, block_size)).tolist():
                 hashes[first + j] = xxh3(view[j * block_size : (j + 1) * block_size]) or 1

@@ -404,7 +404,9 @@ def read_pieces(
     a small ring of reused page-aligned buffers up to ``depth`` pieces ahead, so nothing is
     allocated per piece and reading overlaps the caller's work. A view is valid only until the
     next item is requested: callers that keep data longer use ``read_ahead``. Sources without
-    ``readinto(offset, view)`` fall back to their ``read``.
+    ``readinto(offset, view)`` fall back to their ``read``. A ``readinto`` that hands the view to
+    more work (hashing on another thread) returns a future for it; the buffer is reused only
+    once that is done too.
     """
     readinto = getattr(source, "readinto", None)
     if readinto is None:
@@ -434,7 +436,9 @@ def read_pieces(
             pass
         while inflight:
             piece, view, buf, done = inflight.popleft()
-            done.result()
+            still_using = done.result()
             yield piece, view
+            if still_using is not None:
+                still_using.result()
             free.append(buf)
             submit()

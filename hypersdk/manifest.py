@@ -23,6 +23,9 @@ CHUNK_SIZE = 4 * 1024 * 1024
 _ZERO_CHUNK_HASH: dict[int, str] = {}
 
 
+_ZEROS = memoryview(bytes(1024 * 1024))
+
+
 def zero_hash(length: int) -> str:
     """BLAKE3 of ``length`` zero bytes (cached: full exports have many zero chunks)."""
     h = _ZERO_CHUNK_HASH.get(length)
@@ -117,7 +120,11 @@ class ChunkHasher:
                 self._idx += 1
                 self._pos = piece.end
                 continue
-            self._hasher.update(bytes(stop - self._pos))
+            zeros = stop - self._pos
+            while zeros:  # from one shared zero buffer: no allocation per gap
+                n = min(zeros, len(_ZEROS))
+                self._hasher.update(_ZEROS[:n])
+                zeros -= n
             self._pos = stop
             self._close_piece_if_done()
 
@@ -162,9 +169,9 @@ class ChunkHasher:
 
 def hash_chunks(source, defined: ExtentMap, chunk: int = CHUNK_SIZE) -> list[tuple[int, int, str]]:
     """Hash the defined ranges by reading ``source`` (verification, or a stale ChunkHasher)."""
-    from hypersdk.io import read_ahead
+    from hypersdk.io import read_pieces
 
     out = []
-    for piece, data in read_ahead(source, defined.split(chunk)):
+    for piece, data in read_pieces(source, defined.split(chunk), chunk=chunk, threads=2):
         out.append((piece.offset, piece.length, blake3.blake3(data).hexdigest()))
     return out

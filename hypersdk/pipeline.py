@@ -63,17 +63,38 @@ class _ObservedSource:
         self._progress = progress
         self._lock = threading.Lock()
         self.stats = StageStats()
+        self._hashing = None
+        if hasattr(inner, "readinto"):  # offer the fast path only when the source has it
+            self.readinto = self._readinto
 
-    def read(self, offset: int, length: int) -> bytes:
-        started = time.perf_counter()
-        data = self._inner.read(offset, length)
+    def _observe(self, offset: int, data: bytes | memoryview, seconds: float) -> None:
         with self._lock:
-            self.stats.seconds += time.perf_counter() - started
+            self.stats.seconds += seconds
             self.stats.bytes += len(data)
             self._hasher.feed(offset, data)
         if self._progress:
             self._progress(len(data))
+
+    def read(self, offset: int, length: int) -> bytes:
+        started = time.perf_counter()
+        data = self._inner.read(offset, length)
+        self._observe(offset, data, time.perf_counter() - started)
         return data
+
+    def _readinto(self, offset: int, view: memoryview):
+        """Read, then hash on the observer's own thread (in order), so neither the reads nor the
+        writer wait for hashing; read_pieces keeps the buffer until the returned future is done."""
+        started = time.perf_counter()
+        self._inner.readinto(offset, view)
+        if self._hashing is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-hash")
+        return self._hashing.submit(self._observe, offset, view, time.perf_counter() - started)
+
+    def close(self) -> None:
+        if self._hashing is not None:
+            self._hashing.shutdown(wait=True)
 
 
 class _TimedSink:
@@ -180,6 +201,7 @@ def export_stream(
         driver.write(observed, layout, chain.sink, None)
         chain.finish()
     finally:
+        observed.close()
         chain.close()
     wall = time.perf_counter() - started
     chunks = hasher.finish() if not hasher.stale else hash_chunks(source, defined, chunk_size)
@@ -230,6 +252,8 @@ def export_ova_stream(
         write_ova(vm, members, chain.sink, None, options)
         chain.finish()
     finally:
+        for obs in observed:
+            obs.close()
         chain.close()
     wall = time.perf_counter() - started
     reads = StageStats(sum(o.stats.bytes for o in observed), sum(o.stats.seconds for o in observed))

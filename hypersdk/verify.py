@@ -11,7 +11,7 @@ import blake3
 from hypersdk.errors import VerificationError
 from hypersdk.extents import Extent, ExtentMap
 from hypersdk.formats import get_driver
-from hypersdk.io import IO_CHUNK, read_ahead
+from hypersdk.io import IO_CHUNK, read_pieces
 from hypersdk.manifest import ExportManifest, hash_chunks
 
 
@@ -30,7 +30,7 @@ class DiskVerdict:
 
 def _object_hash(reader) -> str:
     h = blake3.blake3()
-    for _, data in read_ahead(reader, ExtentMap.full(reader.size).split(IO_CHUNK)):
+    for _, data in read_pieces(reader, ExtentMap.full(reader.size).split(IO_CHUNK), threads=2):
         h.update(data)
     return h.hexdigest()
 

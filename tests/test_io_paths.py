@@ -220,3 +220,18 @@ def test_convert_cache_modes_cli(disk, tmp_path, cache, qemu_img):
 def test_convert_rejects_unknown_cache_mode(disk, tmp_path):
     one_line_error(hyperctl("convert", "-t", "fast", disk, tmp_path / "x.qcow2"), "cache mode")
     assert not (tmp_path / "x.qcow2").exists()
+
+
+def test_local_target_cache_option(tmp_path):
+    from providers import open_target
+
+    for cache in CACHE_MODES:
+        target = open_target(f"file://{tmp_path}/{cache}?cache={cache}")
+        assert target.cache == cache
+        target.put_bytes("a/b.bin", b"z" * 10000)
+        assert target.get_bytes("a/b.bin") == b"z" * 10000
+    assert open_target(str(tmp_path)).cache == "none"  # durable, page-cache free by default
+    with pytest.raises(InvalidParameterError, match="cache mode"):
+        open_target(f"file://{tmp_path}?cache=fast")
+    with pytest.raises(InvalidParameterError, match="only the cache option"):
+        open_target(f"file://{tmp_path}?colour=blue")

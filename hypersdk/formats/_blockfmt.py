@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping
 from hypersdk.errors import FormatError, InvalidParameterError
 from hypersdk.extents import Extent, ExtentMap
 from hypersdk.formats.base import Progress, Readable
-from hypersdk.io import IO_CHUNK, RangeReader, Sink, read_ahead
+from hypersdk.io import IO_CHUNK, RangeReader, Sink, read_pieces
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -76,7 +76,7 @@ def emit_flat(
 ) -> None:
     """``length`` guest bytes as they are: data from extents, holes elsewhere (fixed images)."""
     pos = 0
-    for piece, data in read_ahead(source, _pieces(extents)):
+    for piece, data in read_pieces(source, _pieces(extents)):
         out.write_zeros(piece.offset - pos)
         out.write(data)
         pos = piece.end
@@ -99,8 +99,8 @@ def emit_blocks(
     pos = 0
     # read in large pieces (blocks are powers of two, so a piece never straddles a block unless
     # the block is smaller than the piece) and cut them at block boundaries here
-    for piece, data in read_ahead(source, _pieces(extents)):
-        view = memoryview(data)
+    for piece, data in read_pieces(source, _pieces(extents)):
+        view = data
         at = piece.offset
         while at < piece.end:
             index = at // block

@@ -46,7 +46,7 @@ from hypersdk.errors import (
 from hypersdk.extents import Extent, ExtentMap
 from hypersdk.formats import _vmdk_layout as L
 from hypersdk.formats.base import DiskImage, FormatDriver, Layout, Progress, Readable
-from hypersdk.io import IO_CHUNK, FileRangeReader, RangeReader, Sink, read_ahead
+from hypersdk.io import IO_CHUNK, FileRangeReader, RangeReader, Sink, read_ahead, read_pieces
 
 SECTOR = L.SECTOR
 COMPRESS_LEVEL = 6  # zlib's default, what qemu and VMware use
@@ -832,7 +832,7 @@ def _write_sparse(source: Readable, lo: VmdkLayout, out: Sink, progress: Progres
         for batch in _gt_batches(lo, g["overhead"]):
             out.write(batch.tobytes())
     out.write_zeros(g["overhead"] * SECTOR - (out.tell() - base))
-    for piece, data in read_ahead(source, _pieces(lo)):
+    for piece, data in read_pieces(source, _pieces(lo)):
         out.write(data)
         if len(data) % GRAIN:
             out.write_zeros(-len(data) % GRAIN)
@@ -843,14 +843,14 @@ def _write_sparse(source: Readable, lo: VmdkLayout, out: Sink, progress: Progres
 # -- monolithicFlat
 def _write_flat(source: Readable, lo: VmdkLayout, out: Sink, progress: Progress | None) -> None:
     pos = 0
-    for piece, data in read_ahead(
+    for piece, data in read_pieces(
         source, ExtentMap(lo.virtual_size, lo.extents.data()).split(IO_CHUNK)
     ):
         out.write_zeros(piece.offset - pos)
         pos = piece.offset
         for ext in nonzero_extents(data, piece.offset, 4096):
             out.write_zeros(ext.offset - pos)
-            out.write(memoryview(data)[ext.offset - piece.offset : ext.end - piece.offset])
+            out.write(data[ext.offset - piece.offset : ext.end - piece.offset])
             pos = ext.end
         if progress:
             progress(piece.length)

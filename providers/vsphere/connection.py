@@ -22,9 +22,9 @@ import socket
 import ssl
 import threading
 import time
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
-import httpx
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 from hypersdk.errors import (
@@ -33,6 +33,10 @@ from hypersdk.errors import (
     InvalidParameterError,
     SourceError,
 )
+
+if TYPE_CHECKING:  # httpx loads when a vSphere source connects, not at discovery
+    import httpx
+
 
 DEFAULT_PORT = 443
 CONNECT_TIMEOUT = 30.0
@@ -234,6 +238,8 @@ class Session:
 
     def http(self) -> httpx.Client:
         """A thread-safe, keep-alive HTTPS client (connection pool shared by all readers)."""
+        import httpx
+
         with self._lock:
             if self._http is None:
                 self._http = httpx.Client(

@@ -17,9 +17,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 from urllib.parse import quote, urlencode
-
-import httpx
 
 from hypersdk.errors import (
     CredentialsError,
@@ -27,6 +26,10 @@ from hypersdk.errors import (
     EndpointUnreachableError,
     SourceError,
 )
+
+if TYPE_CHECKING:  # httpx loads when a vSphere source connects, not at discovery
+    import httpx
+
 
 MIN_PIECE = 256 * 1024
 PREFETCH_PIECE = 4 * 1024 * 1024  # announced extents are fetched ahead in pieces of at most this
@@ -138,6 +141,8 @@ class DatastoreReader:
         return headers
 
     def _check_status(self, r: httpx.Response, what: str) -> None:
+        import httpx
+
         if r.status_code in (401, 403):
             if self._on_unauthorized is not None:
                 self._on_unauthorized()
@@ -166,6 +171,8 @@ class DatastoreReader:
         return self._retrying(probe, "size probe")
 
     def _retrying(self, fn, what: str):
+        import httpx
+
         failures = 0
         while True:
             try:
@@ -186,6 +193,8 @@ class DatastoreReader:
 
     def _fetch(self, start: int, length: int) -> bytes:
         """Bytes [start, start+length) of the file; a broken transfer resumes where it stopped."""
+        import httpx
+
         buf = bytearray(length)
         view = memoryview(buf)
         got = 0
@@ -384,6 +393,8 @@ def parse_descriptor(text: str, where: str) -> str:
 
 def resolve_flat(client: httpx.Client, base_url: str, datacenter: str, file_name: str, cookie: str):
     """(datastore, path) of the flat extent behind a disk's descriptor ``[ds] dir/disk.vmdk``."""
+    import httpx
+
     ds, path = split_ds_path(file_name)
     url = folder_url(base_url, datacenter, ds, path)
     try:
