@@ -168,10 +168,7 @@ class FileSink:
 
     def _pwrite(self, view: memoryview, at: int) -> None:
         try:
-            while view:
-                n = os.pwrite(self._fd, view, at)
-                at += n
-                view = view[n:]
+            _pwrite_all(self._fd, view, at)
         except OSError as exc:
             raise self._failed(exc, "write") from None
 
@@ -236,14 +233,18 @@ class DirectFileSink(FileSink):
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="direct-write")
 
     def _pwrite(self, view: memoryview, at: int) -> None:
+        import fcntl
+
         try:
-            super()._pwrite(view, at)
-        except TargetError:
-            flags = fcntl_flags(self._fd)
-            if not flags & getattr(os, "O_DIRECT", 0):
-                raise
-            set_fcntl_flags(self._fd, flags & ~os.O_DIRECT)  # EINVAL: the filesystem said no
-            super()._pwrite(view, at)
+            _pwrite_all(self._fd, view, at)
+            return
+        except OSError as exc:
+            flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+            if exc.errno != errno.EINVAL or not flags & os.O_DIRECT:
+                raise self._failed(exc, "write") from None
+            # the filesystem refuses direct I/O after all: drop it and go through the page cache
+            fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+        super()._pwrite(view, at)
 
     def _reap(self, block: bool) -> None:
         """Collect finished writes (raising their errors); with ``block``, wait for the oldest."""
@@ -324,16 +325,11 @@ class DirectFileSink(FileSink):
         self._pending.clear()
 
 
-def fcntl_flags(fd: int) -> int:
-    import fcntl
-
-    return fcntl.fcntl(fd, fcntl.F_GETFL)
-
-
-def set_fcntl_flags(fd: int, flags: int) -> None:
-    import fcntl
-
-    fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+def _pwrite_all(fd: int, view: memoryview, at: int) -> None:
+    while view:
+        n = os.pwrite(fd, view, at)
+        at += n
+        view = view[n:]
 
 
 class TeeSink:
