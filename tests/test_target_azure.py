@@ -9,7 +9,6 @@ import time
 import pytest
 from pydantic import SecretStr
 
-from hypersdk.convert import convert_stream, scan_data_extents
 from hypersdk.errors import (
     CredentialsError,
     EndpointUnreachableError,
@@ -17,36 +16,15 @@ from hypersdk.errors import (
     ObjectNotFoundError,
     TargetError,
 )
-from hypersdk.formats import open_image
-from hypersdk.imagegen import write_realistic_disk
 from providers import open_target
 from providers.targets.azure_blob import AzureBlobTarget, MiB
 from tests.fixtures.azurite import ACCOUNT, KEY
-
-SIZE = 40 * MiB
+from tests.targets_common import SIZE, export, make_disk, read_back
 
 
 @pytest.fixture(scope="module")
 def disk(tmp_path_factory):
-    path = tmp_path_factory.mktemp("az") / "disk.raw"
-    write_realistic_disk(path, SIZE, seed=7)
-    return path
-
-
-def export(target, key: str, disk, fmt: str = "raw") -> int:
-    with open_image(disk, "raw") as image:
-        extents = scan_data_extents(image, image.extents())
-        with target.open_writer(key, image.size) as w:
-            convert_stream(image, fmt, w, extents)
-            return w.tell()
-
-
-def read_back(target, key: str, chunk: int = 3 * MiB + 17) -> bytes:
-    r = target.open_reader(key)
-    try:
-        return b"".join(r.read(o, min(chunk, r.size - o)) for o in range(0, r.size, chunk))
-    finally:
-        r.close()
+    return make_disk(tmp_path_factory.mktemp("az"), seed=7)
 
 
 def test_schemes_registered(azurite):

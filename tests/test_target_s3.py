@@ -7,7 +7,6 @@ import time
 
 import pytest
 
-from hypersdk.convert import convert_stream, scan_data_extents
 from hypersdk.errors import (
     CredentialsError,
     EndpointUnreachableError,
@@ -15,39 +14,15 @@ from hypersdk.errors import (
     ObjectNotFoundError,
     TargetError,
 )
-from hypersdk.formats import open_image
-from hypersdk.imagegen import write_realistic_disk
 from providers import open_target
 from providers.targets.s3 import MiB, S3Target, choose_part_size
 from tests import qemu
-
-SIZE = 40 * MiB
+from tests.targets_common import SIZE, download, export, make_disk
 
 
 @pytest.fixture(scope="module")
 def disk(tmp_path_factory):
-    path = tmp_path_factory.mktemp("s3") / "disk.raw"
-    write_realistic_disk(path, SIZE, seed=6)
-    return path
-
-
-def export(target, key: str, disk, fmt: str = "raw") -> int:
-    with open_image(disk, "raw") as image:
-        extents = scan_data_extents(image, image.extents())
-        with target.open_writer(key, image.size) as w:
-            convert_stream(image, fmt, w, extents)
-            return w.tell()
-
-
-def download(target, key: str, dst, chunk: int = 3 * MiB + 17) -> None:
-    """Read back with ranged GETs in odd-sized pieces."""
-    r = target.open_reader(key)
-    try:
-        with open(dst, "wb") as f:
-            for off in range(0, r.size, chunk):
-                f.write(r.read(off, min(chunk, r.size - off)))
-    finally:
-        r.close()
+    return make_disk(tmp_path_factory.mktemp("s3"), seed=6)
 
 
 def test_scheme_registered(moto_s3):
