@@ -19,20 +19,23 @@ backing file: the source holds the right bytes for all of it.
 
 Compression (``compression=zlib``) makes host offsets depend on compressed sizes that ``plan``
 cannot know (it never sees the data), while the header, L1 and L2 tables must come first because
-we never seek. So ``write`` makes two passes over the data: pass 1 compresses every cluster and
-keeps only its compressed size (2 bytes per cluster, 4 above 64 KiB clusters), then the tables
-are built and emitted (offsets, descriptors and refcounts are recomputed from the sizes as they
-are needed), then pass 2 compresses again (zlib is deterministic) and emits the data. Compressed
-clusters are packed back to back at byte granularity, as qemu does; a cluster that does not
-shrink is stored uncompressed at the next cluster boundary, and so is one whose 1-in-16 byte
-sample does not deflate (random or encrypted data: this skips most of the cost, and the test is
-deterministic, so both passes agree). Both passes compress on two threads (zlib releases the
-GIL). ``plan`` can only give an upper bound for a compressed image (every cluster uncompressed),
-so ``write`` pads the end of the file with zeros up to ``total_size``: the padding lies beyond
-every referenced cluster (qemu-img check stays clean) and becomes a hole on a local file;
-``Qcow2Layout.used_size`` tells the meaningful length after write. Where the exact length
-matters before writing (a sized upload), ``Qcow2Layout.measure(source)`` runs pass 1 ahead and
-makes ``total_size`` exact; ``write`` then skips its own pass 1.
+we never seek. So ``write`` makes two passes, compressing once: pass 1 deflates every data cluster
+(4 MiB pieces, two in flight on two threads: zlib releases the GIL), keeps its compressed size (2
+bytes per cluster, 4 above 64 KiB clusters) and spools the compressed bytes to an unlinked
+temporary file (TMPDIR; disk use = compressed size, memory stays a few chunks). Then the tables
+are built and emitted (offsets, descriptors and refcounts are recomputed from the sizes, in
+vectorised chunks), and the emit pass streams the spool, reading the clusters stored
+uncompressed again from the source (cheap, and never spooled). Compressed clusters are packed
+back to back at byte granularity, as qemu does; a cluster that does not shrink is stored
+uncompressed at the next cluster boundary, and so is one whose 1-in-16 byte sample does not
+deflate at level 1 (random or encrypted data: this skips most of the cost). ``plan`` can only
+give an upper bound for a compressed image (every cluster uncompressed), so ``write`` pads the
+end of the file with zeros up to ``total_size``: the padding lies beyond every referenced
+cluster (qemu-img check stays clean) and becomes a hole on a local file; ``Qcow2Layout.used_size``
+tells the meaningful length after write. Where the exact length matters before writing (a sized
+upload), ``Qcow2Layout.measure(source)`` runs pass 1 ahead and makes ``total_size`` exact;
+``write`` then emits its spool (a second write compresses again and refuses a source whose
+compressed sizes changed).
 
 The reader handles v2 and v3, 512 B..2 MiB clusters, zero, unallocated and compressed clusters
 and backing chains (depth 16, loops refused), and refuses what it cannot read faithfully:
@@ -43,7 +46,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import os
+import tempfile
 import threading
 import zlib
 from collections import OrderedDict, deque
@@ -53,7 +58,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hypersdk.errors import FormatError, InvalidParameterError, UnsupportedFormatError
+from hypersdk.errors import (
+    FormatError,
+    InvalidParameterError,
+    TargetError,
+    TargetFullError,
+    UnsupportedFormatError,
+)
 from hypersdk.extents import Extent, ExtentMap
 from hypersdk.formats import _qcow2_layout as L
 from hypersdk.formats.base import DiskImage, FormatDriver, Layout, Progress, Readable
@@ -143,24 +154,35 @@ class Qcow2Layout(Layout):
     meta: _Meta | None = None
     used_size: int = 0  # bytes that matter (set by write; < total_size only when compressed)
     compressed_sizes: np.ndarray | None = None  # set by measure()
+    spool: _Spool | None = field(default=None, repr=False, compare=False)  # measure() -> write
 
     @property
     def cluster_size(self) -> int:
         return 1 << self.cluster_bits
 
-    def measure(self, source: Readable) -> int:
-        """Make ``total_size`` exact for a compressed image by compressing once ahead (keeping
-        2-4 bytes per cluster); ``write`` then skips its own first pass. Call it before
-        starting an upload that needs the exact length. No-op without compression."""
+    def measure(self, source: Readable, progress: Progress | None = None) -> int:
+        """Make ``total_size`` exact for a compressed image, before writing (a sized upload).
+
+        This is the writer's compression pass run ahead: its spool is kept on the layout and
+        the next ``write`` emits it without compressing again (``release`` drops it if no write
+        follows). No-op without compression."""
         if not self.compression or self.compressed_sizes is not None:
             return self.total_size
-        w = _Writer(self, source, None, None)  # type: ignore[arg-type]
+        w = _Writer(self, source, None, progress)  # type: ignore[arg-type]
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="qcow2-deflate") as pool:
-            sizes = w.compressed_sizes(pool)
-        meta, _ = w.final_meta(sizes)
-        self.compressed_sizes = sizes
+            spool = w.compress_pass(pool, progress)
+        meta, _ = w.final_meta(spool.sizes)
+        self.release()
+        self.spool = spool
+        self.compressed_sizes = spool.sizes
         self.total_size = meta.total * self.cluster_size
         return self.total_size
+
+    def release(self) -> None:
+        """Free the spool of a ``measure`` no ``write`` consumed (else freed when collected)."""
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
 
 
 def _parse_size(text: str) -> int:
@@ -357,105 +379,171 @@ class _Writer:
         lo.used_size = meta.total * cs
 
     # -- compressed --------------------------------------------------------------------------
-    def _compressed_stream(self, pool: ThreadPoolExecutor) -> Iterator[tuple[Extent, list]]:
-        """(piece, [compressed-or-None per cluster, raw cluster]) in order."""
+    def _deflate_jobs(self, pool: ThreadPoolExecutor) -> Iterator[tuple[Extent, np.ndarray, bytes]]:
+        """(piece, compressed size per cluster (0: stays raw), the blobs back to back), in order.
+
+        Whole 4 MiB pieces are the work units (few futures), two compressing on the pool's
+        threads at once (zlib releases the GIL) while the next piece is read ahead."""
         cs = self.cs
+        dtype = _size_dtype(cs)
+        step = cs // 16
 
-        def deflate(cluster: bytes) -> bytes | None:
-            sample = cluster[::16]  # random/encrypted data: skip the costly full deflate
-            if len(zlib.compress(sample, 1, L.DEFLATE_WBITS)) >= len(sample) * 0.97:
-                return None
-            c = zlib.compress(cluster, COMPRESS_LEVEL, L.DEFLATE_WBITS)
-            return c if len(c) < cs else None
+        def job(data: bytes) -> tuple[np.ndarray, bytes]:
+            if len(data) % cs:  # the disk's last cluster, clipped: stored whole
+                data = data + bytes(-len(data) % cs)
+            view = memoryview(data)
+            samples = data[::16]  # one copy for the piece; cluster i's sample is a slice of it
+            count = len(data) // cs
+            sizes = np.zeros(count, dtype=dtype)
+            blobs = []
+            for i in range(count):
+                # random/encrypted data: a 1-in-16 byte sample that does not deflate at level 1
+                # skips the costly full deflate (qemu tries them all)
+                sample = samples[i * step : (i + 1) * step]
+                if len(_deflate(sample, 1)) >= len(sample) * 0.97:
+                    continue
+                c = _deflate(view[i * cs : (i + 1) * cs], COMPRESS_LEVEL)
+                if len(c) < cs:
+                    sizes[i] = len(c)
+                    blobs.append(c)
+            return sizes, b"".join(blobs)
 
-        def job(piece: Extent, data: bytes) -> list:
-            clusters = self._clusters(piece, data)
-            return [(deflate(c), c) for c in clusters]
-
-        # whole chunks compress on the pool's two threads, two in flight, yielded in order
         queue: deque = deque()
         for piece, data in read_ahead(self.src, self._pieces()):
-            queue.append((piece, pool.submit(job, piece, data)))
+            queue.append((piece, pool.submit(job, data)))
             if len(queue) > 2:
                 head, fut = queue.popleft()
-                yield head, fut.result()
+                yield head, *fut.result()
         while queue:
             head, fut = queue.popleft()
-            yield head, fut.result()
+            yield head, *fut.result()
 
-    def compressed_sizes(self, pool: ThreadPoolExecutor) -> np.ndarray:
-        """Pass 1: the compressed size of every data cluster (0: stored uncompressed)."""
-        n, cs = self.lo.data_clusters, self.cs
-        sizes = np.zeros(n, dtype=np.uint16 if cs <= 65536 else np.uint32)
-        k = 0
-        for _piece, items in self._compressed_stream(pool):
-            for comp, _raw in items:
-                if k < n:
-                    sizes[k] = len(comp) if comp is not None else 0
-                k += 1
-        if k != n:
-            raise FormatError(None, f"source gave {k} clusters, planned {n}")
-        return sizes
+    def compress_pass(self, pool: ThreadPoolExecutor, progress: Progress | None = None) -> _Spool:
+        """Pass 1, the only one that compresses: every data cluster's compressed size, and the
+        compressed blobs spooled to a temporary file for the emit pass."""
+        n = self.lo.data_clusters
+        spool = _Spool(n, self.cs)
+        try:
+            k = 0
+            for piece, sizes, blob in self._deflate_jobs(pool):
+                if k + len(sizes) > n:
+                    raise FormatError(None, f"source gave more data clusters than the {n} planned")
+                spool.sizes[k : k + len(sizes)] = sizes
+                spool.append(blob)
+                k += len(sizes)
+                if progress:
+                    progress(piece.length)
+            if k != n:
+                raise FormatError(None, f"source gave {k} data clusters, planned {n}")
+            spool.seal()
+        except BaseException:
+            spool.close()
+            raise
+        return spool
 
     def final_meta(self, sizes: np.ndarray) -> tuple[_Meta, int]:
         """Placement once the compressed sizes are known, and the data region's clusters."""
-        lo, cs, n = self.lo, self.cs, len(sizes)
-        packer = _Packer(sizes, cs)
-        for start in range(0, n, _PACK_CHUNK):
-            packer.take(min(_PACK_CHUNK, n - start))
-        data_clusters = _ceil(packer.pos, cs)
+        lo, cs = self.lo, self.cs
+        data_clusters = _ceil(_Packer(sizes, cs).end(), cs)
         assert lo.meta is not None
         return _place(cs, lo.meta.l1_clusters, lo.meta.l2_count, data_clusters), data_clusters
 
     def write_compressed(self) -> None:
         lo, cs, out = self.lo, self.cs, self.out
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="qcow2-deflate") as pool:
-            sizes = lo.compressed_sizes
-            if sizes is None:  # not measured: pass 1 now, pad up to the planned bound later
-                sizes = self.compressed_sizes(pool)
+        spool, lo.spool = lo.spool, None  # measured ahead: emit what measure() compressed
+        try:
+            emit_progress = self.progress if spool is not None else None
+            if spool is None:
+                with ThreadPoolExecutor(max_workers=2, thread_name_prefix="qcow2-deflate") as pool:
+                    spool = self.compress_pass(pool, self.progress)
+                measured = lo.compressed_sizes
+                if measured is not None and not np.array_equal(measured, spool.sizes):
+                    raise FormatError(
+                        None, "source changed since measure(): compressed sizes differ"
+                    )
+            sizes = spool.sizes
             meta, data_clusters = self.final_meta(sizes)
             self._emit_metadata(
                 meta,
                 self._data_refcounts(sizes, data_clusters),
                 _Descriptors(sizes, cs, meta.data * cs, lo.cluster_bits),
             )
-            # pass 2: the same compression again (deterministic), emitted
-            start = out.tell()
-            pos = 0
-            k = 0
-            for piece, items in self._compressed_stream(pool):
-                for comp, raw in items:
-                    if k >= len(sizes):
-                        raise FormatError(None, "source changed between compression passes")
-                    want = int(sizes[k])
-                    if comp is None:
-                        if want:
-                            raise FormatError(None, "source changed between compression passes")
-                        pad = -pos % cs
-                        out.write_zeros(pad)
-                        out.write(raw)
-                        pos += pad + cs
-                    else:
-                        if len(comp) != want:
-                            raise FormatError(None, "source changed between compression passes")
-                        out.write(comp)
-                        pos += want
-                    k += 1
-                if self.progress:
-                    self.progress(piece.length)
-            out.write_zeros(-pos % cs)
-            used = out.tell() - start + meta.data * cs
+            pos = self._emit_data(spool, emit_progress)
+        finally:
+            if spool is not None:
+                spool.close()
+        if _ceil(pos, cs) != data_clusters:
+            raise FormatError(None, "qcow2 data region does not match its planned size")
+        out.write_zeros(-pos % cs)
+        used = (meta.data + data_clusters) * cs
         lo.used_size = used
         if used > lo.total_size:
             raise FormatError(None, "qcow2 output outgrew its planned size")
         out.write_zeros(lo.total_size - used)
+
+    def _emit_data(self, spool: _Spool, progress: Progress | None) -> int:
+        """The emit pass: compressed runs from the spool, raw clusters read again from the
+        source (cheap), fetched one thread ahead of the sink. Returns the data bytes emitted."""
+        cs, out, sizes, src = self.cs, self.out, spool.sizes, self.src
+
+        def fetch(piece: Extent, sz: np.ndarray, at: int) -> list[tuple[bool, bytes]]:
+            raw = sz == 0
+            if not raw.any():
+                return [(False, spool.read(at, int(sz.sum())))]
+            cuts = [0, *(np.flatnonzero(raw[1:] != raw[:-1]) + 1).tolist(), len(sz)]
+            parts = []
+            for a, b in zip(cuts, cuts[1:], strict=False):
+                if raw[a]:
+                    start = piece.offset + a * cs
+                    length = min(piece.end, piece.offset + b * cs) - start
+                    data = src.read(start, length)
+                    if len(data) != length:
+                        raise FormatError(None, "source returned a short read in the emit pass")
+                    if length % cs:  # the disk's last cluster, clipped: stored whole
+                        data = bytes(data) + bytes(-length % cs)
+                    parts.append((True, data))
+                else:
+                    n = int(sz[a:b].sum())
+                    parts.append((False, spool.read(at, n)))
+                    at += n
+            return parts
+
+        pos = 0
+
+        def emit(piece: Extent, fut) -> None:
+            nonlocal pos
+            for raw, data in fut.result():
+                if raw:
+                    pad = -pos % cs
+                    out.write_zeros(pad)
+                    pos += pad
+                out.write(data)
+                pos += len(data)
+            if progress:
+                progress(piece.length)
+
+        queue: deque = deque()
+        k = at = 0
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qcow2-emit") as pool:
+            for piece in self._pieces():
+                sz = sizes[k : k + _ceil(piece.length, cs)]
+                queue.append((piece, pool.submit(fetch, piece, sz, at)))
+                k += len(sz)
+                at += int(sz.sum())
+                if len(queue) > 2:
+                    emit(*queue.popleft())
+            while queue:
+                emit(*queue.popleft())
+        if k != len(sizes) or at != spool.length:
+            raise FormatError(None, "qcow2 compressed data does not match the planned sizes")
+        return pos
 
     def _data_refcounts(self, sizes: np.ndarray, data_clusters: int) -> np.ndarray:
         """References per host cluster of the data region (a compressed blob may span two)."""
         cs, n = self.cs, len(sizes)
         refc = np.zeros(data_clusters, dtype=np.uint32)
         packer = _Packer(sizes, cs)
-        for _ in range(0, n, _PACK_CHUNK):
+        while packer.rank < n:
             rel, sz = packer.take(min(_PACK_CHUNK, n - packer.rank))
             first = (rel // np.uint64(cs)).astype(np.int64)
             sz64 = sz.astype(np.uint64)
@@ -468,33 +556,127 @@ class _Writer:
         return refc.astype(">u2")
 
 
-_PACK_CHUNK = 1 << 20
+def _deflate(data: bytes | memoryview, level: int) -> bytes:
+    """Raw deflate as qemu stores it. Through a compressobj, not ``zlib.compress``: on Python
+    3.11 the one-shot function holds the GIL while deflating, a compressobj releases it, which
+    is what lets two threads use two cores."""
+    c = zlib.compressobj(level, zlib.DEFLATED, L.DEFLATE_WBITS)
+    return c.compress(data) + c.flush()
+
+
+_PACK_CHUNK = 1 << 18  # clusters per vectorised packing step (a few MiB of temporaries)
+
+
+def _size_dtype(cs: int) -> type:
+    return np.uint16 if cs <= 65536 else np.uint32  # a compressed size is < cs
+
+
+class _Spool:
+    """Pass 1's output: each data cluster's compressed size (0: stored raw, read again from the
+    source when emitted) and the compressed blobs back to back in an unlinked temporary file
+    (TMPDIR; disk use = the compressed size). Nothing is left behind: the file has no name, and
+    its space is freed on close, or when the process dies."""
+
+    def __init__(self, count: int, cs: int):
+        self.sizes = np.zeros(count, dtype=_size_dtype(cs))
+        self.length = 0
+        try:
+            # closed by close(), on every path of compress_pass and write_compressed
+            self.file = tempfile.TemporaryFile(prefix="hypersdk-qcow2-")  # noqa: SIM115
+        except OSError as exc:
+            raise _spool_error(exc) from None
+
+    def append(self, blob: bytes) -> None:
+        try:
+            self.file.write(blob)
+        except OSError as exc:
+            raise _spool_error(exc) from None
+        self.length += len(blob)
+
+    def seal(self) -> None:
+        try:
+            self.file.flush()
+        except OSError as exc:
+            raise _spool_error(exc) from None
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.file.fileno(), length, offset)
+        if len(data) != length:
+            raise FormatError(None, "qcow2 compression spool was truncated")
+        return data
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _spool_error(exc: OSError) -> TargetError:
+    where = tempfile.gettempdir()
+    cls = TargetFullError if exc.errno in (errno.ENOSPC, errno.EDQUOT) else TargetError
+    return cls(
+        f"qcow2 compression needs temporary space for the compressed clusters in {where} "
+        f"(set TMPDIR elsewhere): {exc.strerror or exc}"
+    )
+
+
+def _pack(sz: np.ndarray, pos: int, cs: int) -> tuple[np.ndarray, int]:
+    """Relative host offsets of clusters with compressed sizes ``sz`` (0: raw), packed from byte
+    ``pos``: blobs back to back, a raw cluster at the next cluster boundary. Vectorised: after a
+    raw cluster the position is aligned again, so each stretch of blobs between raw clusters is a
+    cumulative sum from that aligned point. Returns (offsets, position after the last)."""
+    n = len(sz)
+    s = sz.astype(np.int64)
+    before = np.zeros(n + 1, dtype=np.int64)  # blob bytes before cluster i (of this chunk)
+    np.cumsum(s, out=before[1:])
+    raws = np.flatnonzero(s == 0)
+    if not len(raws):
+        return (pos + before[:n]).astype(np.uint64), pos + int(before[n])
+    base = pos // cs * cs
+    stretch = np.diff(before[raws], prepend=0)  # blob bytes since the previous raw cluster
+    stretch[0] += pos - base
+    after = base + np.cumsum(-(-stretch // cs) * cs + cs)  # aligned end of each raw cluster
+    prev = np.searchsorted(raws, np.arange(n)) - 1  # the raw cluster before each cluster
+    has = prev >= 0
+    rel = np.where(has, after[prev] + before[:n] - before[raws[prev]], pos + before[:n])
+    rel[raws] = after - cs
+    return rel.astype(np.uint64), int(after[-1] + before[n] - before[raws[-1]])
 
 
 class _Packer:
-    """Relative host offsets of compressed-mode data clusters, computed in order from sizes:
-    compressed blobs back to back, uncompressed clusters at the next cluster boundary."""
+    """Relative host offsets of compressed-mode data clusters, handed out in order (any count
+    per call) from chunks packed ahead by ``_pack``."""
 
     def __init__(self, sizes: np.ndarray, cs: int):
         self.sizes, self.cs = sizes, cs
-        self.rank = 0
-        self.pos = 0
+        self.rank = 0  # next cluster handed out
+        self._buf = np.zeros(0, dtype=np.uint64)
+        self._at = 0  # rank of _buf[0]
+        self._end = 0  # position after the packed chunks
+
+    def _fill(self) -> None:
+        self._at += len(self._buf)
+        sz = self.sizes[self._at : self._at + _PACK_CHUNK]
+        self._buf, self._end = _pack(sz, self._end, self.cs)
 
     def take(self, count: int) -> tuple[np.ndarray, np.ndarray]:
-        sz = self.sizes[self.rank : self.rank + count]
-        rel = np.empty(len(sz), dtype=np.uint64)
-        pos, cs = self.pos, self.cs
-        for i, v in enumerate(sz.tolist()):
-            if v == 0:
-                pos = -(-pos // cs) * cs
-                rel[i] = pos
-                pos += cs
-            else:
-                rel[i] = pos
-                pos += v
-        self.pos = pos
-        self.rank += len(sz)
-        return rel, sz
+        start = self.rank
+        count = min(count, len(self.sizes) - start)
+        parts = []
+        while self.rank < start + count:
+            i = self.rank - self._at
+            if i >= len(self._buf):
+                self._fill()
+                continue
+            got = self._buf[i : i + start + count - self.rank]
+            parts.append(got)
+            self.rank += len(got)
+        rel = parts[0] if len(parts) == 1 else np.concatenate(parts or [self._buf[:0]])
+        return rel, self.sizes[start : self.rank]
+
+    def end(self) -> int:
+        """Position after the last cluster."""
+        while self._at + len(self._buf) < len(self.sizes):
+            self._fill()
+        return self._end
 
 
 class _Descriptors:

@@ -1,0 +1,237 @@
+"""Format benchmark: `hyperctl convert` next to `qemu-img convert`, every target format we write,
+on the same 2 GiB realistic image (30% random, 20% text-like, 50% holes), in the same run.
+
+    python -m benchmarks.formats [--size-gib 2] [--dir /var/tmp/hsbench] [--runs 3]
+                                 [--formats qcow2c,vhd] [--cache unsafe]
+
+Like for like: both tools read the same warm raw image (``-f raw``) and write with the same
+``-t`` cache mode (default ``unsafe``, qemu-img convert's own default: page cache, no flush).
+Each format's two commands run round-robin (best of ``--runs``, outputs removed and ``sync``
+before every run) so the machine's slow page-cache phases hit both alike. Our output of every
+format is checked once with ``qemu-img compare`` against the source: a fast wrong result aborts
+the benchmark instead of being reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks._util import GiB, best_interleaved, hyperctl, realistic_image
+
+CACHE_MODES = ("unsafe", "writeback", "none")
+TARGET_PLAIN, TARGET_COMPRESSED = 1.00, 0.67
+
+
+@dataclass(frozen=True)
+class Case:
+    key: str  # --formats name
+    label: str
+    ext: str
+    ours: tuple[str, ...]  # hyperctl convert arguments
+    qemu: tuple[str, ...]  # qemu-img convert arguments
+    qemu_fmt: str  # qemu's name of the output format (for compare)
+    compressed: bool = False
+
+
+CASES = [
+    Case("raw", "raw", "raw", ("-O", "raw"), ("-O", "raw"), "raw"),
+    Case("qcow2", "qcow2", "qcow2", ("-O", "qcow2"), ("-O", "qcow2"), "qcow2"),
+    Case(
+        "qcow2c",
+        "qcow2 compressed (zlib)",
+        "qcow2",
+        ("-O", "qcow2", "-o", "compression=zlib"),
+        ("-O", "qcow2", "-c"),
+        "qcow2",
+        compressed=True,
+    ),
+    Case(
+        "vmdk",
+        "vmdk monolithicSparse",
+        "vmdk",
+        ("-O", "vmdk", "-o", "subformat=monolithicSparse"),
+        ("-O", "vmdk", "-o", "subformat=monolithicSparse"),
+        "vmdk",
+    ),
+    Case(
+        "vmdk-stream",
+        "vmdk streamOptimized",
+        "vmdk",
+        ("-O", "vmdk", "-o", "subformat=streamOptimized"),
+        ("-O", "vmdk", "-o", "subformat=streamOptimized"),
+        "vmdk",
+        compressed=True,
+    ),
+    Case(
+        "vhd",
+        "vhd dynamic",
+        "vhd",
+        ("-O", "vhd", "-o", "subformat=dynamic"),
+        ("-O", "vpc", "-o", "subformat=dynamic"),
+        "vpc",
+    ),
+    Case(
+        "vhd-fixed",
+        "vhd fixed",
+        "vhd",
+        ("-O", "vhd", "-o", "subformat=fixed"),
+        ("-O", "vpc", "-o", "subformat=fixed"),
+        "vpc",
+    ),
+    Case(
+        "vhdx",
+        "vhdx dynamic",
+        "vhdx",
+        ("-O", "vhdx", "-o", "subformat=dynamic"),
+        ("-O", "vhdx", "-o", "subformat=dynamic"),
+        "vhdx",
+    ),
+    Case("vdi", "vdi dynamic", "vdi", ("-O", "vdi"), ("-O", "vdi"), "vdi"),
+]
+
+
+@dataclass
+class Row:
+    case: Case
+    q_wall: float
+    h_wall: float
+    q_rss: float
+    h_rss: float
+    q_mib: float  # allocated size of each output
+    h_mib: float
+
+    @property
+    def ratio(self) -> float:
+        return self.h_wall / self.q_wall
+
+    @property
+    def target(self) -> float:
+        return TARGET_COMPRESSED if self.case.compressed else TARGET_PLAIN
+
+    @property
+    def ok(self) -> bool:
+        return self.ratio <= self.target
+
+
+def hyperctl_has_cache_flag() -> bool:
+    """True once `hyperctl convert` takes qemu-img's -t/--cache (else it runs its default)."""
+    res = subprocess.run(
+        [hyperctl(), "convert", "--help"], capture_output=True, text=True, check=False
+    )
+    return "--cache" in res.stdout
+
+
+def verify(image: Path, out: Path, case: Case) -> None:
+    res = subprocess.run(
+        ["qemu-img", "compare", "-q", "-f", "raw", "-F", case.qemu_fmt, str(image), str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if res.returncode != 0:
+        sys.exit(
+            f"error: our {case.label} output {out} differs from the source "
+            f"(qemu-img compare exit {res.returncode}): {res.stdout}{res.stderr}".rstrip()
+        )
+
+
+def allocated_mib(path: Path) -> float:
+    return os.stat(path).st_blocks * 512 / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-gib", type=float, default=2.0)
+    ap.add_argument("--dir", default=None, help="work directory, reused with its image")
+    ap.add_argument("--runs", type=int, default=3, help="best of N round-robin runs")
+    ap.add_argument(
+        "--formats",
+        default=",".join(c.key for c in CASES),
+        help=f"comma-separated subset of: {', '.join(c.key for c in CASES)}",
+    )
+    ap.add_argument(
+        "--cache",
+        choices=CACHE_MODES,
+        default="unsafe",
+        help="output cache mode -t passed to both tools (default: unsafe, qemu-img's default)",
+    )
+    args = ap.parse_args()
+    if not shutil.which("qemu-img"):
+        sys.exit("qemu-img is needed as the speed anchor (apt-get install qemu-utils)")
+    wanted = [k.strip() for k in args.formats.split(",") if k.strip()]
+    unknown = sorted(set(wanted) - {c.key for c in CASES})
+    if unknown:
+        sys.exit(
+            f"unknown format(s) {', '.join(unknown)}; known: {', '.join(c.key for c in CASES)}"
+        )
+    cases = [c for c in CASES if c.key in wanted]
+
+    work = Path(args.dir or tempfile.mkdtemp(prefix="hsfmt-"))
+    work.mkdir(parents=True, exist_ok=True)
+    size = int(args.size_gib * GiB)
+    ours_cache: tuple[str, ...] = ("-t", args.cache)
+    note = ""
+    if not hyperctl_has_cache_flag():
+        ours_cache = ()
+        note = " (hyperctl convert has no -t yet: ours runs in its default mode)"
+    try:
+        image = realistic_image(work, size)
+        rows = []
+        for case in cases:
+            q_out, h_out = work / f"qemu.{case.ext}", work / f"ours.{case.ext}"
+            qemu_cmd = ["qemu-img", "convert", "-t", args.cache, "-f", "raw", *case.qemu]
+            qemu_cmd += [str(image), str(q_out)]
+            ours_cmd = [hyperctl(), "convert", "-q", "-f", "raw", *ours_cache, *case.ours]
+            ours_cmd += [str(image), str(h_out)]
+            print(f"{case.label}: {args.runs} round(s) ...", file=sys.stderr, flush=True)
+            (q_wall, q_rss, _), (h_wall, h_rss, _) = best_interleaved(
+                args.runs, [(qemu_cmd, [q_out]), (ours_cmd, [h_out])]
+            )
+            verify(image, h_out, case)
+            rows.append(
+                Row(case, q_wall, h_wall, q_rss, h_rss, allocated_mib(q_out), allocated_mib(h_out))
+            )
+            q_out.unlink(missing_ok=True)
+            h_out.unlink(missing_ok=True)
+
+        data_mib = allocated_mib(image)
+        print(
+            f"\nimage: {size / GiB:.2f} GiB virtual, {data_mib:,.0f} MiB allocated (30% random, "
+            f"20% text-like, 50% holes), warm cache; best of {args.runs} round-robin runs; "
+            f"output cache mode -t {args.cache} for both tools{note}\n"
+        )
+        head = (
+            f"{'format':<26}{'qemu-img s':>11}{'ours s':>9}{'ratio':>7}{'ours RSS MiB':>14}"
+            f"{'qemu RSS':>10}{'out MiB q/ours':>17}{'target':>8}  result"
+        )
+        print(head)
+        print("-" * len(head))
+        misses = 0
+        for r in rows:
+            misses += not r.ok
+            out_sizes = f"{r.q_mib:,.0f}/{r.h_mib:,.0f}"
+            target = f"<={r.target:.2f}"
+            print(
+                f"{r.case.label:<26}{r.q_wall:>11.2f}{r.h_wall:>9.2f}{r.ratio:>7.2f}"
+                f"{r.h_rss:>14.0f}{r.q_rss:>10.0f}{out_sizes:>17}{target:>8}"
+                f"  {'PASS' if r.ok else 'MISS'}"
+            )
+        print(
+            f"\nratio = ours / qemu-img wall time; targets: <= {TARGET_PLAIN:.2f} uncompressed, "
+            f"<= {TARGET_COMPRESSED:.2f} compressed; every output of ours verified with "
+            f"qemu-img compare. {len(rows) - misses}/{len(rows)} PASS."
+        )
+    finally:
+        if not args.dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
