@@ -116,9 +116,17 @@ def convert_image(
     bind = getattr(layout, "bind_output", None)
     if bind is not None:  # side files that must name the main output (VMDK flat descriptor)
         bind(dst)
-    with atomic_file(dst, cache) as sink:
-        driver.write(image, layout, sink, progress)
-        size = sink.tell()
+    try:
+        measure = getattr(layout, "measure", None)
+        if measure is not None:  # compressed layouts: exact size, no padding, one pass
+            measure(image, progress)
+        with atomic_file(dst, cache) as sink:
+            driver.write(image, layout, sink, progress)
+            size = sink.tell()
+    finally:
+        release = getattr(layout, "release", None)
+        if release is not None:  # a measured layout's spool, if the write never used it
+            release()
     extra = []
     for suffix, data in layout.extra_files.items():
         side = (
