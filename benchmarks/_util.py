@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -33,8 +34,15 @@ def best_interleaved(rounds: int, contenders: list[tuple[list[str], list[Path]]]
     every contender instead of penalising whoever runs after the heaviest writer.
     """
     best: list = [None] * len(contenders)
-    for _ in range(rounds):
-        for i, (argv, cleanup) in enumerate(contenders):
+    n = len(contenders)
+    for r in range(rounds):
+        # a new order every round (seeded, so repeatable): on this VM a run is slowed or sped up
+        # by what the previous one left behind (freed page cache, pending discards), so no
+        # contender may always follow the same one
+        order = list(range(n))
+        random.Random(r).shuffle(order)
+        for i in order:
+            argv, cleanup = contenders[i]
             result = best_of(1, argv, cleanup)
             if best[i] is None or result[0] < best[i][0]:
                 best[i] = result

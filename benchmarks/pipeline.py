@@ -34,8 +34,13 @@ def pipeline_child(vm_root: str, target: str) -> None:
     t_cbt = time.perf_counter()
     tgt = open_target(target)
     key = f"bench-vm/{snap.id}/disk0.qcow2"
+    tracker = src.change_tracker(snap, disk, changes)  # the block map, from the export's reads
     with src.open_disk(snap, disk) as reader, tgt.open_writer(key) as writer:
-        res = export_stream(reader, changes.extents, True, "qcow2", writer)
+        res = export_stream(
+            reader, changes.extents, True, "qcow2", writer, observers=[tracker] if tracker else ()
+        )
+    if tracker:
+        tracker.commit()
     t_export = time.perf_counter()
     manifest = ExportManifest(
         export_id=snap.id,

@@ -190,3 +190,43 @@ class BlockMap:
         if count < 0 or len(raw) != count * 8:
             raise FormatError(path, "block map is truncated or has the wrong length")
         return cls(size, bs, np.frombuffer(raw, dtype="<u8").astype(np.uint64))
+
+
+class BlockMapBuilder:
+    """A BlockMap built from the reads of a full export, so the data is read once, not twice.
+
+    A full export reads every non-zero block of the disk (``expected``); blocks it never reads
+    are zeros (hash 0). ``observe`` takes each read as it happens (any order, any thread, but
+    not concurrently); ``result`` gives the map, or None when the reads did not line up with the
+    blocks or missed an expected data block: the caller then scans instead of trusting a map
+    that would hide changes.
+    """
+
+    def __init__(self, size: int, expected: ExtentMap, block_size: int = DEFAULT_BLOCK):
+        n = -(-size // block_size)
+        self.size = size
+        self.block_size = block_size
+        self.hashes = np.zeros(n, dtype=np.uint64)
+        self._seen = np.zeros(n, dtype=bool)
+        self._expected = np.zeros(n, dtype=bool)
+        for e in expected.data():
+            self._expected[e.offset // block_size : -(-e.end // block_size)] = True
+        self._broken = False
+
+    def observe(self, offset: int, data: bytes | memoryview) -> None:
+        bs, n = self.block_size, len(data)
+        if offset % bs or (n % bs and offset + n != self.size) or offset + n > self.size:
+            self._broken = True  # not whole blocks: leave it to a scan
+            return
+        first = offset // bs
+        zero = zero_blocks(data, bs)
+        xxh3 = xxhash.xxh3_64_intdigest
+        for j in np.flatnonzero(~zero).tolist():
+            self.hashes[first + j] = xxh3(data[j * bs : (j + 1) * bs]) or 1
+        self.hashes[first + np.flatnonzero(zero)] = 0
+        self._seen[first : first + len(zero)] = True
+
+    def result(self) -> BlockMap | None:
+        if self._broken or bool((self._expected & ~self._seen).any()):
+            return None
+        return BlockMap(self.size, self.block_size, self.hashes)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,8 +55,15 @@ class StreamResult:
 class _ObservedSource:
     """Times and counts the writer's reads and feeds them, in order, to the chunk hasher."""
 
-    def __init__(self, inner: Readable, hasher: ChunkHasher, progress: Progress | None):
+    def __init__(
+        self,
+        inner: Readable,
+        hasher: ChunkHasher,
+        progress: Progress | None,
+        observers: Sequence[Any] = (),
+    ):
         self._inner = inner
+        self._observers = tuple(observers)
         self.size = inner.size
         self.name = getattr(inner, "name", "<source>")
         self._hasher = hasher
@@ -72,6 +79,8 @@ class _ObservedSource:
             self.stats.seconds += seconds
             self.stats.bytes += len(data)
             self._hasher.feed(offset, data)
+            for observer in self._observers:  # e.g. a change tracker building a block map
+                observer.observe(offset, data)
         if self._progress:
             self._progress(len(data))
 
@@ -179,11 +188,13 @@ def export_stream(
     encryption: Any | None = None,
     progress: Progress | None = None,
     chunk_size: int = CHUNK_SIZE,
+    observers: Sequence[Any] = (),
 ) -> StreamResult:
     """Convert ``extents`` of ``source`` into ``fmt`` and stream it into ``out``.
 
     ``encryption`` is a hypersdk.crypto KeySpec (or None). ``out`` receives the final stored
-    bytes; committing or aborting it is the caller's business.
+    bytes; committing or aborting it is the caller's business. ``observers`` see every source
+    read (``observe(offset, data)``), in order, off the writer's thread.
     """
     started = time.perf_counter()
     driver = get_driver(fmt)
@@ -195,7 +206,7 @@ def export_stream(
         measure(source)
     defined = defined_map(extents, full)
     hasher = ChunkHasher(defined, extents, chunk_size)
-    observed = _ObservedSource(source, hasher, progress)
+    observed = _ObservedSource(source, hasher, progress, observers)
     chain = _OutputChain(out, encryption)
     try:
         driver.write(observed, layout, chain.sink, None)

@@ -10,7 +10,7 @@ import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from hypersdk.errors import VMNotFoundError
 from hypersdk.extents import ExtentMap
@@ -30,6 +30,15 @@ class DiskChanges:
     @property
     def incremental(self) -> bool:
         return self.since is not None
+
+
+class ChangeTracker(Protocol):
+    """Records a snapshot's change state from the reads of its full export (see
+    ``Source.change_tracker``): fed every read, committed once the export is published."""
+
+    def observe(self, offset: int, data: bytes | memoryview) -> None: ...
+
+    def commit(self) -> None: ...
 
 
 class Source(ABC):
@@ -84,6 +93,14 @@ class Source(ABC):
     @abstractmethod
     def open_disk(self, snap: Snapshot, disk: DiskInfo) -> RangeReader:
         """Random reads of the snapshot's disk (the guest-visible bytes)."""
+
+    def change_tracker(
+        self, snap: Snapshot, disk: DiskInfo, changes: DiskChanges
+    ) -> ChangeTracker | None:
+        """For sources whose change tracking is a hash of the data: an observer that records the
+        snapshot's change state from the export's own reads (one read pass instead of two).
+        Sources with native change tracking (or state already recorded) return None."""
+        return None
 
     def verify_snapshot(self, snap: Snapshot) -> None:
         """Raise SnapshotError if the point-in-time view was disturbed while it was read

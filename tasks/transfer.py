@@ -56,6 +56,8 @@ def export_disk(
     with open_source(source_url) as source, open_target(target_url) as target:
         reader = source.open_disk(snap, disk)
         progress = stage_progress("export", changes.extents.data_bytes, f"Export of {disk.name}")
+        # a source that tracks changes by hashing the data records them from this export's reads
+        tracker = source.change_tracker(snap, disk, changes)
         try:
             with target.open_writer(key) as writer:
                 result = export_stream(
@@ -67,11 +69,14 @@ def export_disk(
                     options=options,
                     encryption=encryption,
                     progress=progress,
+                    observers=[tracker] if tracker else (),
                 )
                 source.verify_snapshot(snap)  # before commit: a disturbed view is never published
         finally:
             progress.close()
             reader.close()
+        if tracker:  # the export is published: its change id becomes usable
+            tracker.commit()
     manifest = DiskManifest(
         name=disk.name,
         virtual_size=result.virtual_size,
@@ -138,6 +143,10 @@ def export_package(
             progress.close()
             for r in readers:
                 r.close()
+        for d in disks:  # change state for the next run (a package's reads are not observed)
+            tracker = source.change_tracker(snap, d, changes[d.name])
+            if tracker:
+                tracker.commit()
     manifests = [
         DiskManifest(
             name=d.name,

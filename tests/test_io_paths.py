@@ -235,3 +235,62 @@ def test_local_target_cache_option(tmp_path):
         open_target(f"file://{tmp_path}?cache=fast")
     with pytest.raises(InvalidParameterError, match="only the cache option"):
         open_target(f"file://{tmp_path}?colour=blue")
+
+
+# -- block maps from an export's own reads -------------------------------------------------------
+def test_block_map_builder_from_export_reads_equals_scan(disk, tmp_path):
+    from hypersdk.blockmap import BlockMapBuilder
+    from hypersdk.pipeline import export_stream
+
+    with open_image(disk) as image:
+        extents = scan_data_extents(image, image.extents(), probe=True)
+        scanned = BlockMap.scan(image, image.extents())
+        for fmt in ("qcow2", "raw", "vmdk"):
+            builder = BlockMapBuilder(image.size, extents)
+            with atomic_file(tmp_path / f"out.{fmt}") as sink:
+                export_stream(image, extents, True, fmt, sink, observers=[builder])
+            built = builder.result()
+            assert built is not None, fmt
+            assert np.array_equal(built.hashes, scanned.hashes), fmt
+        # reads that miss a data block, or do not line up with blocks, give no map (scan instead)
+        partial = BlockMapBuilder(image.size, extents)
+        first = next(iter(extents))
+        assert partial.result() is None
+        odd = BlockMapBuilder(image.size, extents)
+        odd.observe(first.offset + 512, image.read(first.offset + 512, 65536))
+        assert odd.result() is None
+
+
+def test_full_export_then_incremental_reads_the_disk_once(tmp_path, monkeypatch, qemu_img):
+    """The flow's path on the local source: a full export's tracker saves the block map from
+    the export's reads (no separate scan), and the next run's delta is exactly the change."""
+    from hypersdk.imagegen import mutate_disk
+    from hypersdk.pipeline import export_stream
+    from providers import open_source
+    from providers.sources.local import create_vm
+
+    live = tmp_path / "vms" / "vm1" / "disk0.img"
+    create_vm(tmp_path / "vms", "vm1", {"disk0": 16 * MiB})
+    write_realistic_disk(live, 16 * MiB, seed=4)
+    scans = []
+    real_scan = BlockMap.scan.__func__
+    monkeypatch.setattr(
+        BlockMap,
+        "scan",
+        classmethod(lambda cls, *a, **k: scans.append(1) or real_scan(cls, *a, **k)),
+    )
+    src = open_source(str(tmp_path / "vms"))
+    disk = src.get_vm("vm1").disks[0]
+    with src.snapshot("vm1") as s1:
+        full = src.changed_extents(s1, disk, None)
+        tracker = src.change_tracker(s1, disk, full)
+        with src.open_disk(s1, disk) as reader, atomic_file(tmp_path / "full.qcow2") as sink:
+            export_stream(reader, full.extents, True, "qcow2", sink, observers=[tracker])
+        tracker.commit()
+    assert scans == []  # the map came from the export's reads
+    qemu.compare(live, tmp_path / "full.qcow2", "raw", "qcow2")
+    changed = mutate_disk(live, 4, seed=9)
+    with src.snapshot("vm1") as s2:
+        delta = src.changed_extents(s2, disk, s1.id)
+    assert delta.incremental and scans == [1]  # an incremental scans, to diff
+    assert {e.offset for e in delta.extents.split(65536)} == set(changed)

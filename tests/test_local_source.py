@@ -47,6 +47,11 @@ def test_snapshot_cbt_full_then_delta(vm_root):
     with src.snapshot("web01") as s1:
         full = src.changed_extents(s1, disk, None)
         assert not full.incremental and full.extents.data_bytes > 0
+        # a full export records the change state through the tracker (here nothing was
+        # observed, so its commit scans the snapshot); only then is s1.id usable
+        tracker = src.change_tracker(s1, disk, full)
+        tracker.commit()
+        assert src.change_tracker(s1, disk, full) is None  # recorded: nothing left to track
         with src.open_disk(s1, disk) as img:
             assert img.read(0, 4096) == (vm_root / "web01/disk0.img").read_bytes()[:4096]
     assert not os.path.exists(s1.provider_data["snap_dir"])

@@ -27,7 +27,8 @@ from urllib.parse import unquote, urlsplit
 
 from pydantic import ValidationError
 
-from hypersdk.blockmap import BlockMap
+from hypersdk.blockmap import DEFAULT_BLOCK, BlockMap, BlockMapBuilder
+from hypersdk.convert import scan_data_extents
 from hypersdk.errors import (
     DiskReadError,
     FormatError,
@@ -218,38 +219,54 @@ class LocalSource(Source):
     def _cbt_dir(self, snap: Snapshot, disk: DiskInfo) -> Path:
         return Path(snap.provider_data["vm_dir"]) / STATE_DIR / "cbt" / disk.name
 
-    def changed_extents(self, snap: Snapshot, disk: DiskInfo, since: str | None) -> DiskChanges:
-        image = self.open_disk(snap, disk)
-        try:
-            allocated = image.extents()
-            new_map = BlockMap.scan(image, allocated, progress=self.progress)
-        finally:
-            image.close()
+    def _map_path(self, snap: Snapshot, disk: DiskInfo, change_id: str) -> Path:
+        return self._cbt_dir(snap, disk) / f"{change_id}.bmap"
+
+    def _save_map(self, snap: Snapshot, disk: DiskInfo, bmap: BlockMap, keep: set) -> None:
         cbt_dir = self._cbt_dir(snap, disk)
         cbt_dir.mkdir(parents=True, exist_ok=True)
-        new_map.save(cbt_dir / f"{snap.id}.bmap")
-        self._prune(cbt_dir, keep={snap.id, since})
+        bmap.save(cbt_dir / f"{snap.id}.bmap")
+        self._prune(cbt_dir, keep=keep | {snap.id})
+
+    def _scan_map(self, snap: Snapshot, disk: DiskInfo) -> BlockMap:
+        image = self.open_disk(snap, disk)
+        try:
+            return BlockMap.scan(image, image.extents(), progress=self.progress)
+        finally:
+            image.close()
+
+    def _full(self, snap: Snapshot, disk: DiskInfo, note: str = "") -> DiskChanges:
+        """All data, found by probing (a few MiB read): the export's reads then record the
+        snapshot's block map through ``change_tracker``, so a full export reads the disk once."""
+        image = self.open_disk(snap, disk)
+        try:
+            extents = scan_data_extents(image, image.extents(), DEFAULT_BLOCK, probe=True)
+        finally:
+            image.close()
+        return DiskChanges(extents, snap.id, None, note=note)
+
+    def changed_extents(self, snap: Snapshot, disk: DiskInfo, since: str | None) -> DiskChanges:
         if since is None:
-            return DiskChanges(new_map.data_extents(), snap.id, None)
-        old_path = cbt_dir / f"{since}.bmap"
+            return self._full(snap, disk)
+        old_path = self._map_path(snap, disk, since)
         try:
             old_map = BlockMap.load(old_path)
         except (FileNotFoundError, FormatError) as exc:
             reason = "no longer kept" if isinstance(exc, FileNotFoundError) else "unreadable"
-            return DiskChanges(
-                new_map.data_extents(),
-                snap.id,
-                None,
-                note=f"change id {since} is {reason}: full export instead",
-            )
-        if old_map.block_size != new_map.block_size:
-            return DiskChanges(
-                new_map.data_extents(),
-                snap.id,
-                None,
-                note="block size changed: full export instead",
-            )
+            return self._full(snap, disk, f"change id {since} is {reason}: full export instead")
+        if old_map.block_size != DEFAULT_BLOCK:
+            return self._full(snap, disk, "block size changed: full export instead")
+        new_map = self._scan_map(snap, disk)
+        self._save_map(snap, disk, new_map, keep={since})
         return DiskChanges(new_map.diff(old_map), snap.id, since)
+
+    def change_tracker(
+        self, snap: Snapshot, disk: DiskInfo, changes: DiskChanges
+    ) -> _MapTracker | None:
+        if changes.incremental or self._map_path(snap, disk, snap.id).exists():
+            return None  # an incremental run scanned and saved the map already
+        builder = BlockMapBuilder(changes.extents.size, changes.extents)
+        return _MapTracker(self, snap, disk, builder)
 
     @staticmethod
     def _prune(cbt_dir: Path, keep: set) -> None:
@@ -305,3 +322,19 @@ def create_vm(
 
 
 __all__ = ["LocalSource", "SOURCE", "create_vm", "load_vm", "FileRangeReader"]
+
+
+class _MapTracker:
+    """The local source's ChangeTracker: builds the snapshot's block map from the export's reads
+    and saves it on commit; if the reads did not cover the data, it scans the snapshot instead,
+    so a saved map is always exact."""
+
+    def __init__(self, source: LocalSource, snap: Snapshot, disk: DiskInfo, builder):
+        self._source, self._snap, self._disk, self._builder = source, snap, disk, builder
+
+    def observe(self, offset: int, data: bytes | memoryview) -> None:
+        self._builder.observe(offset, data)
+
+    def commit(self) -> None:
+        bmap = self._builder.result() or self._source._scan_map(self._snap, self._disk)
+        self._source._save_map(self._snap, self._disk, bmap, keep=set())
