@@ -175,7 +175,8 @@ def main() -> None:
         print("\npipeline stages (in-process, MB/s over the bytes each stage handled):")
         print(f"  snapshot      {detail['snapshot_s']:.3f} s")
         print(
-            f"  block-hash    {detail['cbt_s']:.2f} s  ({size / detail['cbt_s'] / 1e6:,.0f} MB/s of disk)"
+            f"  change scan   {detail['cbt_s']:.2f} s  ({size / detail['cbt_s'] / 1e6:,.0f} MB/s of disk;"
+            " a full export probes for data, its block map is built from the export's reads)"
         )
         for name, st in detail["stages"].items():
             rate = st["bytes"] / st["seconds"] / 1e6 if st["seconds"] else float("inf")

@@ -11,6 +11,10 @@ and re-checked after the export (SnapshotError if they moved).
 
 Change tracking: a block-hash map (hypersdk.blockmap) stored per snapshot under
 ``<vm>/.hypersdk/cbt/<disk>/<change_id>.bmap``; the diff of two maps is the changed-extent list.
+An incremental run scans the snapshot to diff. A full run only probes for the data (a few MiB
+read) and records its map from the export's own reads (``change_tracker``), so the disk is read
+once; the change id is usable once that export is published. The tracker falls back to a scan
+whenever the reads did not cover the data, so a saved map is always exact.
 """
 
 from __future__ import annotations
