@@ -15,6 +15,7 @@ from typing import Any
 
 import blake3
 
+from hypersdk.errors import InvalidParameterError
 from hypersdk.extents import ExtentMap
 from hypersdk.formats import get_driver
 from hypersdk.formats.base import Readable
@@ -199,6 +200,8 @@ def export_stream(
     started = time.perf_counter()
     driver = get_driver(fmt)
     layout = driver.plan(source.size, extents, options or {})
+    if layout.not_streamable:
+        raise InvalidParameterError(layout.not_streamable)
     measure = getattr(layout, "measure", None)
     if measure is not None:
         # Compressed layouts know their exact size only after a sizing pass; the writer skips its

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from hypersdk import config
 from hypersdk.errors import InvalidParameterError
+from hypersdk.extents import ExtentMap
 from hypersdk.formats import get_driver
 
 
@@ -54,7 +55,14 @@ def validate_request(**params: Any) -> ExportRequest:
         where = ".".join(str(p) for p in first["loc"]) or "parameters"
         msg = first["msg"].removeprefix("Value error, ")
         raise InvalidParameterError(f"invalid {where}: {msg}") from None
-    get_driver(req.format).check_options(req.format_options)
+    driver = get_driver(req.format)
+    driver.check_options(req.format_options)
+    if driver.can_write and req.format != "ova":
+        # plan a tiny disk: catches values the names check cannot (and outputs that need side
+        # files) before any snapshot is taken
+        probe = driver.plan(1 << 20, ExtentMap.full(1 << 20), req.format_options)
+        if probe.not_streamable:
+            raise InvalidParameterError(probe.not_streamable)
     if req.encryption is not None:
         from hypersdk.crypto import KeySpec
 

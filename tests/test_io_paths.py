@@ -294,3 +294,28 @@ def test_full_export_then_incremental_reads_the_disk_once(tmp_path, monkeypatch,
         delta = src.changed_extents(s2, disk, s1.id)
     assert delta.incremental and scans == [1]  # an incremental scans, to diff
     assert {e.offset for e in delta.extents.split(65536)} == set(changed)
+
+
+def test_outputs_with_side_files_are_refused_for_exports(disk, tmp_path):
+    """A flat VMDK is an extent plus a descriptor naming it: one export object cannot carry it,
+    so a request says so up front, and the engine refuses before writing a byte."""
+    from hypersdk.pipeline import export_stream
+    from hypersdk.requests import validate_request
+
+    flat = {"subformat": "monolithicFlat"}
+    with pytest.raises(InvalidParameterError, match="monolithicFlat.*hyperctl convert"):
+        validate_request(
+            source=str(tmp_path), vm="v", target=str(tmp_path), format="vmdk", format_options=flat
+        )
+    with pytest.raises(InvalidParameterError, match="cluster_size"):
+        validate_request(
+            source=str(tmp_path),
+            vm="v",
+            target=str(tmp_path),
+            format="qcow2",
+            format_options={"cluster_size": "3"},
+        )
+    with open_image(disk) as image, atomic_file(tmp_path / "x.vmdk") as sink:
+        with pytest.raises(InvalidParameterError, match="monolithicFlat"):
+            export_stream(image, image.extents(), True, "vmdk", sink, options=flat)
+        assert sink.tell() == 0

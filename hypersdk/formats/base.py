@@ -84,6 +84,9 @@ class Layout:
     # Small side files some formats need next to the main stream (e.g. a VMDK descriptor):
     # name suffix -> bytes. Most formats leave it empty.
     extra_files: dict[str, bytes] = field(default_factory=dict)
+    # Why this output cannot travel as one object (it needs side files that name it), or "".
+    # A local convert writes the side files; an export stream refuses such a layout up front.
+    not_streamable: str = ""
 
 
 class FormatDriver(ABC):

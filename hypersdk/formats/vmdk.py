@@ -706,6 +706,11 @@ class VmdkDriver(FormatDriver):
             lo.total_size = _sparse_geometry(lo)["total"] * SECTOR
         elif match == "monolithicFlat":
             lo.total_size = cap * SECTOR
+            lo.not_streamable = (
+                "vmdk subformat=monolithicFlat is a flat extent plus a descriptor file that names "
+                "it, which one export object cannot carry: export subformat=monolithicSparse or "
+                "streamOptimized, or make a flat VMDK locally with `hyperctl convert`"
+            )
         else:
             # upper bound: every grain stored (deflate can grow ~0.03% + marker), every table
             gd_sectors = _ceil(gt_count * 4, SECTOR)
