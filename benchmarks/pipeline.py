@@ -60,6 +60,7 @@ def pipeline_child(vm_root: str, target: str) -> None:
                 data_bytes=res.data_bytes,
                 defined_bytes=res.defined_bytes,
                 chunks=res.chunks,
+                chunk_size=res.chunk_size,
             )
         ],
     )

@@ -20,6 +20,19 @@ from hypersdk.extents import Extent, ExtentMap
 from hypersdk.io import IO_CHUNK, RangeReader, read_pieces
 
 DEFAULT_BLOCK = 64 * 1024
+MAX_BLOCKS = 4 * 1024 * 1024  # 32 MiB of hashes: a map stays small whatever the disk size
+
+
+def block_size_for(size: int) -> int:
+    """64 KiB blocks up to 256 GiB; beyond, the smallest power-of-two multiple that keeps the map
+    within MAX_BLOCKS (256 KiB for 1 TiB, 2 MiB for 8 TiB), so memory is bounded by design: an
+    incremental of a huge disk moves changes at a coarser grain instead."""
+    block = DEFAULT_BLOCK
+    while -(-size // block) > MAX_BLOCKS:
+        block *= 2
+    return block
+
+
 _MAGIC = b"HSDKBMAP"
 _ZERO_BLOCKS: dict[int, bytes] = {}
 
@@ -165,7 +178,10 @@ class BlockMap:
         tmp = f"{path}.tmp-{os.getpid()}"
         with open(tmp, "wb") as f:
             f.write(_MAGIC + struct.pack("<I", len(meta)) + meta.encode())
-            f.write(self.hashes.astype("<u8").tobytes())
+            little = (
+                self.hashes if self.hashes.dtype == np.dtype("<u8") else self.hashes.astype("<u8")
+            )
+            f.write(memoryview(np.ascontiguousarray(little)))  # no copies of a large map
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -186,10 +202,10 @@ class BlockMap:
             except (ValueError, KeyError, TypeError):
                 raise FormatError(path, "block map header is corrupt") from None
             count = -(-size // bs) if bs > 0 else -1
-            raw = f.read()
-        if count < 0 or len(raw) != count * 8:
-            raise FormatError(path, "block map is truncated or has the wrong length")
-        return cls(size, bs, np.frombuffer(raw, dtype="<u8").astype(np.uint64))
+            if count < 0 or os.fstat(f.fileno()).st_size - f.tell() != count * 8:
+                raise FormatError(path, "block map is truncated or has the wrong length")
+            hashes = np.fromfile(f, dtype="<u8", count=count)
+        return cls(size, bs, hashes.astype(np.uint64, copy=False))
 
 
 class BlockMapBuilder:

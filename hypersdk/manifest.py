@@ -8,6 +8,7 @@ change ids for the next incremental, and encryption parameters (never keys).
 
 from __future__ import annotations
 
+import bisect
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -15,25 +16,24 @@ import blake3
 from pydantic import BaseModel, Field
 
 from hypersdk import __version__
-from hypersdk.extents import ExtentMap
+from hypersdk.extents import Extent, ExtentMap
 from hypersdk.models import VMInfo
 
 SCHEMA = "hypersdk.export/v1"
 CHUNK_SIZE = 4 * 1024 * 1024
-_ZERO_CHUNK_HASH: dict[int, str] = {}
+MAX_CHUNKS = 256 * 1024  # chunk size grows past 1 TiB so a manifest stays small
+ZERO = "zero"  # a chunks entry whose bytes are all zeros; consecutive zero chunks merge into one
+
+
+def chunk_size_for(size: int) -> int:
+    """4 MiB chunks up to 1 TiB, then the smallest power-of-two multiple within MAX_CHUNKS."""
+    chunk = CHUNK_SIZE
+    while -(-size // chunk) > MAX_CHUNKS:
+        chunk *= 2
+    return chunk
 
 
 _ZEROS = memoryview(bytes(1024 * 1024))
-
-
-def zero_hash(length: int) -> str:
-    """BLAKE3 of ``length`` zero bytes (cached: full exports have many zero chunks)."""
-    h = _ZERO_CHUNK_HASH.get(length)
-    if h is None:
-        h = _ZERO_CHUNK_HASH[length] = blake3.blake3(
-            bytes(length), max_threads=blake3.blake3.AUTO
-        ).hexdigest()
-    return h
 
 
 class DiskManifest(BaseModel):
@@ -52,7 +52,8 @@ class DiskManifest(BaseModel):
     defined_bytes: int = Field(description="Guest bytes this export defines (data + zeroed)")
     chunk_size: int = CHUNK_SIZE
     chunks: list[tuple[int, int, str]] = Field(
-        description="(offset, length, blake3 hex) over the guest bytes this export defines"
+        description="(offset, length, blake3 hex) over the guest bytes this export defines; "
+        "'zero' instead of a hash marks an all-zero range (consecutive zero chunks merge)"
     )
     encryption: dict[str, Any] | None = None
     note: str = ""
@@ -86,38 +87,62 @@ def defined_map(extents: ExtentMap, full: bool) -> ExtentMap:
     return ExtentMap.full(extents.size) if full else ExtentMap(extents.size, [*extents])
 
 
+class _Chunks(list):
+    """``chunks`` entries, merging consecutive all-zero ranges into one ``ZERO`` entry."""
+
+    def add(self, offset: int, length: int, digest: str) -> None:
+        if digest == ZERO and self and self[-1][2] == ZERO and sum(self[-1][:2]) == offset:
+            self[-1] = (self[-1][0], self[-1][1] + length, ZERO)
+        else:
+            self.append((offset, length, digest))
+
+
+class _DataIndex:
+    """Does a range touch the data extents? (bisect over sorted, disjoint extents)."""
+
+    def __init__(self, data: ExtentMap):
+        spans = [(e.offset, e.end) for e in data.data()]
+        self._starts = [a for a, _ in spans]
+        self._ends = [b for _, b in spans]
+
+    def touches(self, start: int, end: int) -> bool:
+        i = bisect.bisect_right(self._ends, start)  # first extent ending after start
+        return i < len(self._starts) and self._starts[i] < end
+
+
 class ChunkHasher:
     """BLAKE3 per chunk of the guest bytes an export defines, fed by in-order reads.
 
     The pipeline sees the writer's reads in disk order; bytes of ``defined`` that no read covers
-    are zeros by construction (the extent map says so). A read that arrives out of order marks
-    the hasher ``stale`` and the pipeline re-hashes from the source instead of trusting it.
+    are zeros by construction (the extent map says so), and whole chunks of them are recorded as
+    ``ZERO`` runs, so a manifest grows with the data, not with the disk. A read that arrives out
+    of order marks the hasher ``stale`` and the pipeline re-hashes from the source instead.
     """
 
     def __init__(self, defined: ExtentMap, data: ExtentMap, chunk: int = CHUNK_SIZE):
         self.chunk = chunk
-        self._pieces = list(defined.split(chunk))
-        self._data = list(data.data())
-        self._idx = 0
-        self._pos = self._pieces[0].offset if self._pieces else 0
+        self._pieces = iter(defined.split(chunk))  # lazily: a huge disk has millions of chunks
+        self._piece = next(self._pieces, None)
+        self._data = _DataIndex(data)
+        self._pos = self._piece.offset if self._piece else 0
         self._hasher = blake3.blake3()
-        self.chunks: list[tuple[int, int, str]] = []
+        self.chunks = _Chunks()
         self.stale = False
 
-    def _is_data(self, start: int, end: int) -> bool:
-        return any(e.offset < end and start < e.end for e in self._data)
+    def _next_piece(self) -> None:
+        self._piece = next(self._pieces, None)
 
     def _advance_zero(self, until: int) -> None:
         """Treat [pos, until) of defined pieces as zeros."""
-        while self._idx < len(self._pieces) and self._pos < until:
-            piece = self._pieces[self._idx]
+        while self._piece is not None and self._pos < until:
+            piece = self._piece
             if self._pos < piece.offset:
                 self._pos = min(piece.offset, until)
                 continue
             stop = min(piece.end, until)
             if self._pos == piece.offset and stop == piece.end:
-                self.chunks.append((piece.offset, piece.length, zero_hash(piece.length)))
-                self._idx += 1
+                self.chunks.add(piece.offset, piece.length, ZERO)
+                self._next_piece()
                 self._pos = piece.end
                 continue
             zeros = stop - self._pos
@@ -129,27 +154,27 @@ class ChunkHasher:
             self._close_piece_if_done()
 
     def _close_piece_if_done(self) -> None:
-        piece = self._pieces[self._idx]
+        piece = self._piece
         if self._pos >= piece.end:
-            self.chunks.append((piece.offset, piece.length, self._hasher.hexdigest()))
+            self.chunks.add(piece.offset, piece.length, self._hasher.hexdigest())
             self._hasher = blake3.blake3()
-            self._idx += 1
+            self._next_piece()
 
     def feed(self, offset: int, data: bytes) -> None:
-        if self.stale or self._idx >= len(self._pieces):
+        if self.stale or self._piece is None:
             return
         end = offset + len(data)
         if end <= self._pos:
             return  # a re-read of bytes already hashed
         if offset > self._pos:
-            if self._is_data(self._pos, offset):
+            if self._data.touches(self._pos, offset):
                 self.stale = True  # a read skipped over data: order broken, rehash later
                 return
             self._advance_zero(offset)
         view = memoryview(data)[max(0, self._pos - offset) :]
         pos = max(offset, self._pos)
-        while view and self._idx < len(self._pieces):
-            piece = self._pieces[self._idx]
+        while view and self._piece is not None:
+            piece = self._piece
             if pos < piece.offset:  # gap between defined pieces (delta): skip
                 skip = min(len(view), piece.offset - pos)
                 view, pos = view[skip:], pos + skip
@@ -163,15 +188,73 @@ class ChunkHasher:
 
     def finish(self) -> list[tuple[int, int, str]]:
         if not self.stale:
-            self._advance_zero(self._pieces[-1].end if self._pieces else 0)
-        return self.chunks
+            self._advance_zero(2**63)
+        return list(self.chunks)
 
 
-def hash_chunks(source, defined: ExtentMap, chunk: int = CHUNK_SIZE) -> list[tuple[int, int, str]]:
-    """Hash the defined ranges by reading ``source`` (verification, or a stale ChunkHasher)."""
+def _sub_pieces(pieces, index: _DataIndex):
+    """IO-sized reads of the chunks that touch data (bounded buffers whatever the chunk size)."""
+    from hypersdk.io import IO_CHUNK
+
+    for piece in pieces:
+        if index.touches(piece.offset, piece.end):
+            yield from ExtentMap(piece.end, [piece]).split(IO_CHUNK)
+
+
+def hash_chunks(
+    source, defined: ExtentMap, chunk: int = CHUNK_SIZE, data: ExtentMap | None = None
+) -> list[tuple[int, int, str]]:
+    """The ``chunks`` entries of ``defined`` by reading ``source`` (a stale ChunkHasher). Chunks
+    that touch no ``data`` extent are zero runs and are not read."""
     from hypersdk.io import read_pieces
 
-    out = []
-    for piece, data in read_pieces(source, defined.split(chunk), chunk=chunk, threads=2):
-        out.append((piece.offset, piece.length, blake3.blake3(data).hexdigest()))
-    return out
+    index = _DataIndex(data if data is not None else defined)
+    reads = read_pieces(source, _sub_pieces(defined.split(chunk), index), threads=2)
+    out = _Chunks()
+    for piece in defined.split(chunk):
+        if not index.touches(piece.offset, piece.end):
+            out.add(piece.offset, piece.length, ZERO)
+            continue
+        h = blake3.blake3()
+        got = 0
+        while got < piece.length:
+            _, view = next(reads)
+            h.update(view)
+            got += len(view)
+        out.add(piece.offset, piece.length, h.hexdigest())
+    return list(out)
+
+
+def check_chunks(source, chunks: list[tuple[int, int, str]], data: ExtentMap) -> list[int]:
+    """Offsets of the ``chunks`` entries ``source`` does not match. A ZERO entry is checked by
+    reading only where ``source`` may hold data (its extents), so a big empty disk costs little."""
+    import numpy as np
+
+    from hypersdk.io import IO_CHUNK, read_pieces
+
+    index = _DataIndex(data)
+    bad = []
+    for offset, length, digest in chunks:
+        span = ExtentMap(offset + length, [Extent(offset, length)])
+        if digest == ZERO:
+            parts = (
+                [
+                    Extent(
+                        max(e.offset, offset), min(e.end, offset + length) - max(e.offset, offset)
+                    )
+                    for e in data.data()
+                    if e.offset < offset + length and offset < e.end
+                ]
+                if index.touches(offset, offset + length)
+                else []
+            )
+            reads = ExtentMap(offset + length, parts).split(IO_CHUNK)
+            if any(np.frombuffer(v, dtype=np.uint8).any() for _, v in read_pieces(source, reads)):
+                bad.append(offset)
+            continue
+        h = blake3.blake3()
+        for _, view in read_pieces(source, span.split(IO_CHUNK), threads=2):
+            h.update(view)
+        if h.hexdigest() != digest:
+            bad.append(offset)
+    return bad

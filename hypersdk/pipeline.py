@@ -20,7 +20,7 @@ from hypersdk.extents import ExtentMap
 from hypersdk.formats import get_driver
 from hypersdk.formats.base import Readable
 from hypersdk.io import Sink, TeeSink
-from hypersdk.manifest import CHUNK_SIZE, ChunkHasher, defined_map, hash_chunks
+from hypersdk.manifest import ChunkHasher, chunk_size_for, defined_map, hash_chunks
 
 Progress = Callable[[int], None]
 
@@ -45,6 +45,7 @@ class StreamResult:
     chunks: list[tuple[int, int, str]]
     encryption: dict[str, Any] | None
     wall_seconds: float
+    chunk_size: int = 0
     stages: dict[str, StageStats] = field(default_factory=dict)
 
     @property
@@ -188,7 +189,7 @@ def export_stream(
     options: Mapping[str, str] | None = None,
     encryption: Any | None = None,
     progress: Progress | None = None,
-    chunk_size: int = CHUNK_SIZE,
+    chunk_size: int | None = None,
     observers: Sequence[Any] = (),
 ) -> StreamResult:
     """Convert ``extents`` of ``source`` into ``fmt`` and stream it into ``out``.
@@ -208,6 +209,7 @@ def export_stream(
         # own pass when measured, so this costs nothing and the stream carries no padding.
         measure(source)
     defined = defined_map(extents, full)
+    chunk_size = chunk_size or chunk_size_for(source.size)
     hasher = ChunkHasher(defined, extents, chunk_size)
     observed = _ObservedSource(source, hasher, progress, observers)
     chain = _OutputChain(out, encryption)
@@ -218,7 +220,9 @@ def export_stream(
         observed.close()
         chain.close()
     wall = time.perf_counter() - started
-    chunks = hasher.finish() if not hasher.stale else hash_chunks(source, defined, chunk_size)
+    chunks = (
+        hasher.finish() if not hasher.stale else hash_chunks(source, defined, chunk_size, extents)
+    )
     return StreamResult(
         virtual_size=source.size,
         data_bytes=extents.data_bytes,
@@ -226,6 +230,7 @@ def export_stream(
         object_size=chain.upload.stats.bytes,
         object_blake3=chain.object_hash.hexdigest(),
         chunks=chunks,
+        chunk_size=chunk_size,
         encryption=chain.encryption_params,
         wall_seconds=wall,
         stages=chain.stages(observed.stats, extents.data_bytes, wall),
@@ -240,6 +245,7 @@ class PackagedDisk:
     virtual_size: int
     data_bytes: int
     chunks: list[tuple[int, int, str]]
+    chunk_size: int
 
 
 def export_ova_stream(
@@ -249,14 +255,15 @@ def export_ova_stream(
     options: Mapping[str, str] | None = None,
     encryption: Any | None = None,
     progress: Progress | None = None,
-    chunk_size: int = CHUNK_SIZE,
 ) -> tuple[list[PackagedDisk], StreamResult]:
     """Stream an OVA of the VM (descriptor, manifest, streamOptimized disks) into ``out``."""
     from hypersdk.formats.ova import disk_member_names, write_ova
 
     started = time.perf_counter()
     # every disk of a package is exported whole, so each one defines its full size
-    hashers = [ChunkHasher(ExtentMap.full(ext.size), ext, chunk_size) for _, _, ext in disks]
+    hashers = [
+        ChunkHasher(ExtentMap.full(ext.size), ext, chunk_size_for(ext.size)) for _, _, ext in disks
+    ]
     observed = [
         _ObservedSource(src, h, progress) for (_, src, _), h in zip(disks, hashers, strict=True)
     ]
@@ -277,9 +284,9 @@ def export_ova_stream(
         chunks = (
             hasher.finish()
             if not hasher.stale
-            else hash_chunks(source, ExtentMap.full(extents.size), chunk_size)
+            else hash_chunks(source, ExtentMap.full(extents.size), hasher.chunk, extents)
         )
-        packaged.append(PackagedDisk(name, source.size, extents.data_bytes, chunks))
+        packaged.append(PackagedDisk(name, source.size, extents.data_bytes, chunks, hasher.chunk))
     data = sum(p.data_bytes for p in packaged)
     result = StreamResult(
         virtual_size=sum(p.virtual_size for p in packaged),

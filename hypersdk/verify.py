@@ -9,10 +9,10 @@ from typing import Any
 import blake3
 
 from hypersdk.errors import VerificationError
-from hypersdk.extents import Extent, ExtentMap
+from hypersdk.extents import ExtentMap
 from hypersdk.formats import get_driver
 from hypersdk.io import IO_CHUNK, read_pieces
-from hypersdk.manifest import ExportManifest, hash_chunks
+from hypersdk.manifest import ExportManifest, check_chunks
 
 
 @dataclass
@@ -73,22 +73,17 @@ def verify_export(target, manifest_key: str, encryption: Any | None = None) -> l
             logical, logical_ok = reader, True
             if disk.encryption:
                 logical, logical_ok = _decrypting(disk, reader, encryption)
-            got = disk.chunks
+            bad: list[int] = []
             if logical_ok:
                 image = _open_logical(disk, logical)
                 try:
-                    defined = ExtentMap(
-                        disk.virtual_size, [Extent(o, n) for o, n, _ in disk.chunks]
-                    )
-                    got = hash_chunks(image, defined, disk.chunk_size)
+                    bad = check_chunks(image, disk.chunks, image.extents())
                 finally:
                     image.close()
         finally:
             reader.close()
-        bad = [o for (o, _, h), (_, _, g) in zip(disk.chunks, got, strict=True) if h != g]
-        verdicts.append(
-            DiskVerdict(disk.name, disk.key, object_ok, len(got) if logical_ok else 0, bad)
-        )
+        checked = len(disk.chunks) if logical_ok else 0
+        verdicts.append(DiskVerdict(disk.name, disk.key, object_ok, checked, bad))
     failed = [v for v in verdicts if not v.ok]
     if failed:
         parts = []

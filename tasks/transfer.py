@@ -91,6 +91,7 @@ def export_disk(
         data_bytes=result.data_bytes,
         defined_bytes=result.defined_bytes,
         chunks=result.chunks,
+        chunk_size=result.chunk_size,
         encryption=result.encryption,
         note=changes.note,
     )
@@ -161,6 +162,7 @@ def export_package(
             data_bytes=p.data_bytes,
             defined_bytes=p.virtual_size,
             chunks=p.chunks,
+            chunk_size=p.chunk_size,
             encryption=result.encryption,
             note=changes[d.name].note,
         )

@@ -319,3 +319,37 @@ def test_outputs_with_side_files_are_refused_for_exports(disk, tmp_path):
         with pytest.raises(InvalidParameterError, match="monolithicFlat"):
             export_stream(image, image.extents(), True, "vmdk", sink, options=flat)
         assert sink.tell() == 0
+
+
+def test_manifest_chunks_merge_zero_runs_and_catch_changes(tmp_path):
+    """A manifest grows with the data, not the disk: whole zero chunks merge into one ZERO
+    entry; the hasher fed by reads, the fallback that reads, and the checker all agree, and the
+    checker catches a byte changed inside a zero run as well as inside data."""
+    from hypersdk.manifest import ZERO, ChunkHasher, check_chunks, hash_chunks
+
+    size = 64 * MiB
+    path = tmp_path / "d.raw"
+    with open(path, "wb") as f:
+        f.truncate(size)
+        f.seek(5 * MiB)
+        f.write(os.urandom(3 * MiB))
+        f.seek(40 * MiB + 123)
+        f.write(b"tail data")
+    with FileRangeReader(path) as reader:
+        data = scan_data_extents(reader, reader.allocated())
+        hasher = ChunkHasher(ExtentMap.full(size), data)
+        for piece, view in read_pieces(reader, data.split(MiB)):
+            hasher.feed(piece.offset, view)
+        chunks = hasher.finish()
+        assert chunks == hash_chunks(reader, ExtentMap.full(size), data=data)
+        zero_runs = [c for c in chunks if c[2] == ZERO]
+        assert len(chunks) == 5 and len(zero_runs) == 3  # zeros | data x2 | zeros | data | zeros
+        assert zero_runs[-1] == (44 * MiB, 20 * MiB, ZERO)
+        assert check_chunks(reader, chunks, reader.allocated()) == []
+    with open(path, "r+b") as f:
+        f.seek(50 * MiB)  # inside a zero run
+        f.write(b"!")
+        f.seek(6 * MiB)  # inside data
+        f.write(b"?")
+    with FileRangeReader(path) as reader:
+        assert check_chunks(reader, chunks, reader.allocated()) == [4 * MiB, 44 * MiB]
