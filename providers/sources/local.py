@@ -31,7 +31,7 @@ from urllib.parse import unquote, urlsplit
 
 from pydantic import ValidationError
 
-from hypersdk.blockmap import DEFAULT_BLOCK, BlockMap, BlockMapBuilder
+from hypersdk.blockmap import BlockMap, BlockMapBuilder, block_size_for
 from hypersdk.convert import scan_data_extents
 from hypersdk.errors import (
     DiskReadError,
@@ -235,7 +235,8 @@ class LocalSource(Source):
     def _scan_map(self, snap: Snapshot, disk: DiskInfo) -> BlockMap:
         image = self.open_disk(snap, disk)
         try:
-            return BlockMap.scan(image, image.extents(), progress=self.progress)
+            block = block_size_for(image.size)
+            return BlockMap.scan(image, image.extents(), block, progress=self.progress)
         finally:
             image.close()
 
@@ -244,7 +245,9 @@ class LocalSource(Source):
         snapshot's block map through ``change_tracker``, so a full export reads the disk once."""
         image = self.open_disk(snap, disk)
         try:
-            extents = scan_data_extents(image, image.extents(), DEFAULT_BLOCK, probe=True)
+            # at the map's block size, so the export's reads cover whole blocks of the map
+            block = block_size_for(image.size)
+            extents = scan_data_extents(image, image.extents(), block, probe=True)
         finally:
             image.close()
         return DiskChanges(extents, snap.id, None, note=note)
@@ -258,10 +261,11 @@ class LocalSource(Source):
         except (FileNotFoundError, FormatError) as exc:
             reason = "no longer kept" if isinstance(exc, FileNotFoundError) else "unreadable"
             return self._full(snap, disk, f"change id {since} is {reason}: full export instead")
-        if old_map.block_size != DEFAULT_BLOCK:
-            return self._full(snap, disk, "block size changed: full export instead")
         new_map = self._scan_map(snap, disk)
         self._save_map(snap, disk, new_map, keep={since})
+        if old_map.block_size != new_map.block_size:  # the disk grew past a map-size step
+            note = "block size changed: full export instead"
+            return DiskChanges(new_map.data_extents(), snap.id, None, note=note)
         return DiskChanges(new_map.diff(old_map), snap.id, since)
 
     def change_tracker(
@@ -269,7 +273,8 @@ class LocalSource(Source):
     ) -> _MapTracker | None:
         if changes.incremental or self._map_path(snap, disk, snap.id).exists():
             return None  # an incremental run scanned and saved the map already
-        builder = BlockMapBuilder(changes.extents.size, changes.extents)
+        size = changes.extents.size
+        builder = BlockMapBuilder(size, changes.extents, block_size_for(size))
         return _MapTracker(self, snap, disk, builder)
 
     @staticmethod
