@@ -67,6 +67,7 @@ from hypersdk.errors import (
 )
 from hypersdk.extents import Extent, ExtentMap
 from hypersdk.formats import _qcow2_layout as L
+from hypersdk.formats._deflate import deflate, worth_deflating
 from hypersdk.formats.base import DiskImage, FormatDriver, Layout, Progress, Readable
 from hypersdk.io import IO_CHUNK, RangeReader, Sink, read_ahead, read_pieces
 
@@ -397,12 +398,9 @@ class _Writer:
             sizes = np.zeros(count, dtype=dtype)
             blobs = []
             for i in range(count):
-                # random/encrypted data: a 1-in-16 byte sample that does not deflate at level 1
-                # skips the costly full deflate (qemu tries them all)
-                sample = samples[i * step : (i + 1) * step]
-                if len(_deflate(sample, 1)) >= len(sample) * 0.97:
+                if not worth_deflating(samples[i * step : (i + 1) * step], L.DEFLATE_WBITS):
                     continue
-                c = _deflate(view[i * cs : (i + 1) * cs], COMPRESS_LEVEL)
+                c = deflate(view[i * cs : (i + 1) * cs], COMPRESS_LEVEL, L.DEFLATE_WBITS)
                 if len(c) < cs:
                     sizes[i] = len(c)
                     blobs.append(c)
@@ -554,14 +552,6 @@ class _Writer:
         if data_clusters and int(refc.max()) > 0xFFFF:
             raise FormatError(None, "too many compressed clusters share one host cluster")
         return refc.astype(">u2")
-
-
-def _deflate(data: bytes | memoryview, level: int) -> bytes:
-    """Raw deflate as qemu stores it. Through a compressobj, not ``zlib.compress``: on Python
-    3.11 the one-shot function holds the GIL while deflating, a compressobj releases it, which
-    is what lets two threads use two cores."""
-    c = zlib.compressobj(level, zlib.DEFLATED, L.DEFLATE_WBITS)
-    return c.compress(data) + c.flush()
 
 
 _PACK_CHUNK = 1 << 18  # clusters per vectorised packing step (a few MiB of temporaries)

@@ -45,6 +45,7 @@ from hypersdk.errors import (
 )
 from hypersdk.extents import Extent, ExtentMap
 from hypersdk.formats import _vmdk_layout as L
+from hypersdk.formats._deflate import deflate, worth_deflating
 from hypersdk.formats.base import DiskImage, FormatDriver, Layout, Progress, Readable
 from hypersdk.io import IO_CHUNK, FileRangeReader, RangeReader, Sink, read_ahead, read_pieces
 
@@ -868,13 +869,6 @@ def _stream_overhead(lo: VmdkLayout) -> int:
     return _ceil(1 + desc_sectors, L.DEFAULT_GRAIN_SECTORS) * L.DEFAULT_GRAIN_SECTORS
 
 
-def _zlib(data: bytes | memoryview, level: int) -> bytes:
-    """zlib.compress through a compressobj: same bytes, but it releases the GIL while it
-    deflates (Python 3.11's one-shot function does not), so grains compress on both cores."""
-    c = zlib.compressobj(level)
-    return c.compress(data) + c.flush()
-
-
 def _deflate_grains(
     data: bytes, lo: int, hi: int, first_grain: int, level: int
 ) -> tuple[list[tuple[int, int]], bytes]:
@@ -898,8 +892,7 @@ def _deflate_grains(
             if grain == _ZERO_GRAIN:
                 continue
             sample = grain[::16]
-        lvl = level if len(_zlib(sample, 1)) < len(sample) * 0.97 else 0
-        comp = _zlib(grain, lvl)
+        comp = deflate(grain, level if worth_deflating(sample) else 0)
         g = first_grain + (i - lo) // GRAIN
         rec_len = 12 + len(comp)
         pad = -rec_len % SECTOR
