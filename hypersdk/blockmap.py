@@ -34,21 +34,10 @@ def block_size_for(size: int) -> int:
 
 
 _MAGIC = b"HSDKBMAP"
-_ZERO_BLOCKS: dict[int, bytes] = {}
 
 
-def zero_block(size: int) -> bytes:
-    block = _ZERO_BLOCKS.get(size)
-    if block is None:
-        block = _ZERO_BLOCKS[size] = bytes(size)
-    return block
-
-
-def block_hash(data: bytes | memoryview) -> int:
-    """Hash of one block; 0 is reserved for an all-zero block."""
-    if not np.frombuffer(data, dtype=np.uint8).any():
-        return 0
-    return xxhash.xxh3_64_intdigest(data) or 1
+def is_zero(data: bytes | memoryview) -> bool:
+    return not np.frombuffer(data, dtype=np.uint8).any()
 
 
 def zero_blocks(data: bytes | memoryview, block: int) -> np.ndarray:
@@ -77,6 +66,17 @@ def zero_blocks(data: bytes | memoryview, block: int) -> np.ndarray:
         tail = np.frombuffer(data, dtype=np.uint8, offset=full * block)
         flags[full] = not tail.any()
     return flags
+
+
+def hash_blocks(hashes: np.ndarray, first: int, data: bytes | memoryview, block: int) -> int:
+    """Store the xxh3 of each ``block`` of ``data`` at ``hashes[first:]`` (0 for an all-zero
+    block, never 0 otherwise); returns how many blocks that was."""
+    zero = zero_blocks(data, block)
+    xxh3 = xxhash.xxh3_64_intdigest
+    for j in np.flatnonzero(~zero).tolist():
+        hashes[first + j] = xxh3(data[j * block : (j + 1) * block]) or 1
+    hashes[first + np.flatnonzero(zero)] = 0
+    return len(zero)
 
 
 def nonzero_extents(data: bytes | memoryview, base: int, block: int) -> Iterator[Extent]:
@@ -127,11 +127,8 @@ class BlockMap:
         allocated = allocated if allocated is not None else ExtentMap.full(size)
         chunk = max(block_size, IO_CHUNK // block_size * block_size)
         pieces = allocated.aligned(block_size).split(chunk)
-        xxh3 = xxhash.xxh3_64_intdigest
         for piece, view in read_pieces(reader, pieces, chunk=chunk, threads=2):
-            first = piece.offset // block_size
-            for j in np.flatnonzero(~zero_blocks(view, block_size)).tolist():
-                hashes[first + j] = xxh3(view[j * block_size : (j + 1) * block_size]) or 1
+            hash_blocks(hashes, piece.offset // block_size, view, block_size)
             if progress:
                 progress(len(view))
         return cls(size, block_size, hashes)
@@ -235,12 +232,7 @@ class BlockMapBuilder:
             self._broken = True  # not whole blocks: leave it to a scan
             return
         first = offset // bs
-        zero = zero_blocks(data, bs)
-        xxh3 = xxhash.xxh3_64_intdigest
-        for j in np.flatnonzero(~zero).tolist():
-            self.hashes[first + j] = xxh3(data[j * bs : (j + 1) * bs]) or 1
-        self.hashes[first + np.flatnonzero(zero)] = 0
-        self._seen[first : first + len(zero)] = True
+        self._seen[first : first + hash_blocks(self.hashes, first, data, bs)] = True
 
     def result(self) -> BlockMap | None:
         if self._broken or bool((self._expected & ~self._seen).any()):

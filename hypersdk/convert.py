@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from hypersdk.atomic import atomic_file, check_cache_mode
-from hypersdk.blockmap import DEFAULT_BLOCK, nonzero_extents
+from hypersdk.blockmap import DEFAULT_BLOCK, is_zero, nonzero_extents
 from hypersdk.extents import Extent, ExtentMap
 from hypersdk.formats import get_driver, open_image
 from hypersdk.formats.base import DiskImage, Layout, Progress, Readable
@@ -54,7 +54,7 @@ def _probe_scan(
         for off in range(ext.offset, ext.end, block):
             length = min(block, ext.end - off)
             head = read(off, min(_PROBE, length))
-            if head == zero[: len(head)] and not any(nonzero_extents(read(off, length), 0, length)):
+            if head == zero[: len(head)] and is_zero(read(off, length)):
                 continue
             if off != end:
                 if end > start:
@@ -132,7 +132,7 @@ def convert_image(
         side = (
             dst + suffix if suffix.startswith(".") else os.path.join(os.path.dirname(dst), suffix)
         )
-        with atomic_file(side, "unsafe" if cache == "unsafe" else "writeback") as s:
+        with atomic_file(side, cache) as s:
             s.write(data)
         extra.append(side)
     return ConvertResult(
