@@ -91,31 +91,26 @@ def split_options(url: str) -> tuple[str, dict]:
     return urlunsplit(parts._replace(query="")), options
 
 
+def _open(url: str, options: dict, kind: str, default: str, classes: dict[str, type]):
+    """The provider ``classes`` registers for ``url``'s scheme, built from the URL and options
+    (explicit options win over those in the URL's query)."""
+    scheme = _scheme(url, default)
+    url, from_url = split_options(url)
+    try:
+        cls = classes[scheme]
+    except KeyError:
+        known = ", ".join(sorted(classes))
+        raise InvalidParameterError(
+            f"unknown {kind} scheme {scheme!r} in {url!r} (known: {known})"
+        ) from None
+    return cls.from_url(url, **{**from_url, **options})
+
+
 def open_source(url: str, **options) -> Source:
     """A Source for ``url`` (``local:///dir``, ``vsphere://host/DC/vm/...``, a bare path...)."""
-    scheme = _scheme(url, "local")
-    url, from_url = split_options(url)
-    options = {**from_url, **options}
-    try:
-        cls = source_classes()[scheme]
-    except KeyError:
-        known = ", ".join(sorted(source_classes()))
-        raise InvalidParameterError(
-            f"unknown source scheme {scheme!r} in {url!r} (known: {known})"
-        ) from None
-    return cls.from_url(url, **options)
+    return _open(url, options, "source", "local", source_classes())
 
 
 def open_target(url: str, **options) -> Target:
     """A Target for ``url`` (``file:///dir``, a bare path, ``s3://bucket/prefix``...)."""
-    scheme = _scheme(url, "file")
-    url, from_url = split_options(url)
-    options = {**from_url, **options}
-    try:
-        cls = target_classes()[scheme]
-    except KeyError:
-        known = ", ".join(sorted(target_classes()))
-        raise InvalidParameterError(
-            f"unknown target scheme {scheme!r} in {url!r} (known: {known})"
-        ) from None
-    return cls.from_url(url, **options)
+    return _open(url, options, "target", "file", target_classes())
