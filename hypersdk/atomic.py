@@ -18,8 +18,8 @@ import errno
 import os
 from collections.abc import Iterator
 
-from hypersdk.errors import InvalidParameterError, TargetError, TargetFullError
-from hypersdk.io import DirectFileSink, FileSink
+from hypersdk.errors import InvalidParameterError
+from hypersdk.io import DirectFileSink, FileSink, target_error
 
 CACHE_MODES = ("writeback", "none", "unsafe")
 
@@ -31,12 +31,6 @@ def _fsync_dir(path: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _wrap_os_error(path: str, exc: OSError) -> TargetError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return TargetFullError(f"{path}: no space left on target ({exc.strerror})")
-    return TargetError(f"{path}: {exc.strerror or exc}")
 
 
 def check_cache_mode(cache: str) -> str:
@@ -54,7 +48,7 @@ def atomic_file(path: str | os.PathLike, cache: str = "writeback") -> Iterator[F
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as exc:
-        raise _wrap_os_error(directory, exc) from None
+        raise target_error(directory, exc) from None
     tmp = os.path.join(directory, f".{os.path.basename(path)}.partial-{os.getpid()}")
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
     direct = cache == "none" and hasattr(os, "O_DIRECT")
@@ -67,7 +61,7 @@ def atomic_file(path: str | os.PathLike, cache: str = "writeback") -> Iterator[F
             direct = False  # tmpfs and friends: no O_DIRECT, the page cache it is
             fd = os.open(tmp, flags, 0o644)
     except OSError as exc:
-        raise _wrap_os_error(path, exc) from None
+        raise target_error(path, exc) from None
     published = False
     sink = DirectFileSink(fd, path) if direct else FileSink(fd, path)
     try:
@@ -77,7 +71,7 @@ def atomic_file(path: str | os.PathLike, cache: str = "writeback") -> Iterator[F
             try:
                 os.fsync(fd)
             except OSError as exc:
-                raise _wrap_os_error(path, exc) from None
+                raise target_error(path, exc) from None
         os.close(fd)
         fd = -1
         os.replace(tmp, path)

@@ -152,6 +152,16 @@ class StreamSink:
         return self._pos
 
 
+def target_error(name: str, exc: OSError, doing: str | None = None) -> TargetError:
+    """A failed write to a local target as a typed error: a full disk (or quota, or file-size
+    limit) is TargetFullError, so callers can tell "make room" from "something broke"."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return TargetFullError(f"{name}: no space left on target ({exc.strerror})")
+    if doing:
+        return TargetError(f"{name}: {doing} failed: {exc.strerror}")
+    return TargetError(f"{name}: {exc.strerror or exc}")
+
+
 class FileSink:
     """Sink onto a local file descriptor: zeros become holes (sparse), the size is set at close."""
 
@@ -162,9 +172,7 @@ class FileSink:
         self._hole_pending = False
 
     def _failed(self, exc: OSError, doing: str) -> TargetError:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            return TargetFullError(f"{self._name}: no space left on target ({exc.strerror})")
-        return TargetError(f"{self._name}: {doing} failed: {exc.strerror}")
+        return target_error(self._name, exc, doing)
 
     def _pwrite(self, view: memoryview, at: int) -> None:
         try:
