@@ -41,30 +41,25 @@ def scan_data_extents(
     return ExtentMap(candidates.size, found)
 
 
-_PROBE = 8
-
-
 def _probe_scan(
-    source: Readable, candidates: ExtentMap, block: int, progress: Progress | None
+    source: DiskImage, candidates: ExtentMap, block: int, progress: Progress | None
 ) -> ExtentMap:
+    """Every block of ``candidates`` is data except those whose head reads as zeros and whose
+    whole content is zeros; only those few are read whole."""
     found: list[Extent] = []
-    read, zero = source.read, bytes(_PROBE)
-    start = end = -1  # the data run being built
+    read = source.read
     for ext in candidates.aligned(block):
-        for off in range(ext.offset, ext.end, block):
+        pos = ext.offset  # start of the data not yet recorded
+        for off in source.zero_heads(ext.offset, ext.end, block):
             length = min(block, ext.end - off)
-            head = read(off, min(_PROBE, length))
-            if head == zero[: len(head)] and is_zero(read(off, length)):
-                continue
-            if off != end:
-                if end > start:
-                    found.append(Extent(start, end - start))
-                start = off
-            end = off + length
+            if is_zero(read(off, length)):
+                if off > pos:
+                    found.append(Extent(pos, off - pos))
+                pos = off + length
+        if ext.end > pos:
+            found.append(Extent(pos, ext.end - pos))
         if progress:
             progress(ext.length)
-    if end > start:
-        found.append(Extent(start, end - start))
     return ExtentMap(candidates.size, found)
 
 

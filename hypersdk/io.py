@@ -82,6 +82,19 @@ class FileRangeReader:
         except OSError as exc:
             raise DiskReadError(f"{self.name}: read at {offset} failed: {exc.strerror}") from None
 
+    def zero_heads(self, start: int, stop: int, step: int, width: int = 8) -> list[int]:
+        """Offsets in ``range(start, stop, step)`` whose first ``width`` bytes read as zeros.
+
+        The probe of a data scan: one tiny pread per block in a tight loop (about 1 us each), so
+        a GiB of 64 KiB blocks is settled in ~20 ms and only the few candidates are read whole."""
+        pread, fd = os.pread, self._fd
+        try:  # a short read (past EOF) reads as zeros, as everywhere in this reader
+            return [
+                off for off in range(start, stop, step) if not pread(fd, width, off).lstrip(b"\0")
+            ]
+        except OSError as exc:
+            raise DiskReadError(f"{self.name}: read failed: {exc.strerror}") from None
+
     def allocated(self) -> ExtentMap:
         """Extents the filesystem holds data for (SEEK_DATA/SEEK_HOLE); whole file if unsupported."""
         return allocated_extents(self._fd, self.size)

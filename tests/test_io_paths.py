@@ -148,6 +148,44 @@ def test_probe_scan_equals_full_scan_and_block_map(disk):
     assert np.flatnonzero(bmap.hashes).tolist() == expect
 
 
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    blocks=st.lists(st.sampled_from(["zero", "data", "late", "hole"]), min_size=1, max_size=6),
+    tail=st.integers(0, 70000),
+    tail_data=st.booleans(),
+)
+def test_probe_scan_is_exact_for_raw_and_other_formats(tmp_path, blocks, tail, tail_data):
+    """The fast file probe (raw) and the generic one (any other format) both agree with a full
+    scan, including a last block shorter than the probe width and data hidden behind a zero head."""
+    raw = tmp_path / "p.raw"
+    raw.unlink(missing_ok=True)
+    with open(raw, "wb") as f:
+        for kind in blocks:
+            if kind == "hole":
+                f.seek(65536, os.SEEK_CUR)
+            elif kind == "zero":
+                f.write(bytes(65536))
+            else:
+                head = bytes(8) if kind == "late" else b"\x07" * 8
+                f.write(head + os.urandom(65528))
+        f.write((b"\x05" if tail_data else b"\0") * tail)
+        f.truncate(len(blocks) * 65536 + tail)
+    qcow = tmp_path / "p.qcow2"
+    qcow.unlink(missing_ok=True)
+    with open_image(raw) as image:
+        expect = scan_data_extents(image, image.extents())
+        assert scan_data_extents(image, image.extents(), probe=True) == expect
+        from hypersdk.convert import convert_image
+
+        convert_image(image, qcow, "qcow2", cache="unsafe")
+    with open_image(qcow) as image:
+        probed = scan_data_extents(image, image.extents(), probe=True)
+        assert probed == scan_data_extents(image, image.extents())
+        assert probed.data_bytes >= expect.data_bytes  # qcow2 rounds the disk up to sectors
+
+
 # -- sinks and cache modes ----------------------------------------------------------------------
 _OPS = st.lists(
     st.one_of(

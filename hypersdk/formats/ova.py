@@ -38,10 +38,13 @@ from hypersdk.formats.base import DiskImage, FormatDriver, Layout, Progress, Rea
 from hypersdk.formats.vmdk import DRIVER as VMDK
 from hypersdk.formats.vmdk import VmdkLayout
 from hypersdk.io import FileRangeReader, RangeReader, Sink
-from hypersdk.ovf import DiskFile, build_manifest, build_ovf, parse_manifest, parse_ovf
 
 if TYPE_CHECKING:
     from hypersdk.models import DiskInfo, VMInfo
+    from hypersdk.ovf import DiskFile
+
+# hypersdk.ovf (XML) is imported where an OVA is actually read or written: every image probe
+# loads this driver, and a qcow2 convert should not pay for an XML parser.
 
 BLOCK = 512
 MAX_META_MEMBER = 16 * 1024 * 1024  # .ovf, .mf, pax headers: anything bigger is refused
@@ -205,6 +208,8 @@ class Package:
             except BaseException:
                 self.close()
                 raise
+        from hypersdk.ovf import parse_ovf
+
         self.vm, self.disk_files = parse_ovf(self.ovf_bytes, self.ovf_name)
 
     @staticmethod
@@ -269,6 +274,8 @@ class Package:
         try:
             if r.size > MAX_META_MEMBER:
                 raise FormatError(self.path, "manifest is implausibly big")
+            from hypersdk.ovf import parse_manifest
+
             return parse_manifest(r.read(0, r.size), mf)
         finally:
             r.close()
@@ -369,6 +376,8 @@ def write_ova(
     ``options`` go to the VMDK writer (adapter_type, hwversion, compression_level). Progress
     counts guest bytes of both passes. Returns the archive size.
     """
+    from hypersdk.ovf import DiskFile, build_manifest, build_ovf
+
     opts = dict(options or {})
     opts["subformat"] = "streamOptimized"
     stem = _file_stem(vm.name)
