@@ -103,4 +103,11 @@ def python() -> str:
 
 
 def hyperctl() -> str:
+    """The venv's ``hyperctl``, with our modules byte-compiled first: an editable install has no
+    .pyc until first import, and with PYTHONDONTWRITEBYTECODE set it would recompile every run."""
+    import compileall
+
+    root = Path(__file__).resolve().parent.parent
+    for package in ("hypersdk", "providers", "flows", "tasks"):
+        compileall.compile_dir(root / package, quiet=1)
     return str(Path(sys.executable).with_name("hyperctl"))

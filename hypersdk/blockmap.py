@@ -7,6 +7,7 @@ needs. xxh3 runs at ~10 GB/s here, so building a map costs little more than read
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import struct
@@ -16,7 +17,7 @@ import numpy as np
 import xxhash
 
 from hypersdk.errors import FormatError
-from hypersdk.extents import Extent, ExtentMap
+from hypersdk.extents import Extent, ExtentCollector, ExtentMap
 from hypersdk.io import IO_CHUNK, RangeReader, read_pieces
 
 DEFAULT_BLOCK = 64 * 1024
@@ -135,18 +136,20 @@ class BlockMap:
 
     # -- queries ------------------------------------------------------------------------------
     def _extents(self, mask: np.ndarray, zero_mask: np.ndarray | None = None) -> ExtentMap:
-        bs = self.block_size
-        out = []
+        bs, size = self.block_size, self.size
+        runs: Iterator[tuple[int, int, bool]]
         if zero_mask is None:
-            for first, count in _runs(mask):
-                start = first * bs
-                out.append(Extent(start, min(self.size, (first + count) * bs) - start))
-        else:
-            for zero in (False, True):
-                for first, count in _runs(mask & (zero_mask == zero)):
-                    start = first * bs
-                    out.append(Extent(start, min(self.size, (first + count) * bs) - start, zero))
-        return ExtentMap(self.size, out)
+            runs = ((first, count, False) for first, count in _runs(mask))
+        else:  # data runs and zero runs, merged into disk order
+            runs = heapq.merge(
+                ((first, count, False) for first, count in _runs(mask & ~zero_mask)),
+                ((first, count, True) for first, count in _runs(mask & zero_mask)),
+            )
+        found = ExtentCollector(size)
+        for first, count, zero in runs:
+            start = first * bs
+            found.add(start, min(size, (first + count) * bs) - start, zero)
+        return found.build()
 
     def data_extents(self) -> ExtentMap:
         """Extents holding non-zero data: what a full export must carry."""

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from hypersdk.atomic import atomic_file, check_cache_mode
 from hypersdk.blockmap import DEFAULT_BLOCK, is_zero, nonzero_extents
-from hypersdk.extents import Extent, ExtentMap
+from hypersdk.extents import Extent, ExtentCollector, ExtentMap
 from hypersdk.formats import get_driver, open_image
 from hypersdk.formats.base import DiskImage, Layout, Progress, Readable
 from hypersdk.io import IO_CHUNK, FileRangeReader, Sink, read_pieces
@@ -17,50 +17,71 @@ from hypersdk.io import IO_CHUNK, FileRangeReader, Sink, read_pieces
 
 def scan_data_extents(
     source: Readable,
-    candidates: ExtentMap,
+    candidates: ExtentMap | None = None,
     block: int = DEFAULT_BLOCK,
     progress: Progress | None = None,
     probe: bool = False,
 ) -> ExtentMap:
-    """Refine ``candidates`` (allocated ranges) to the blocks that hold non-zero bytes.
+    """Refine ``candidates`` (allocated ranges; default: the image's own) to the blocks that
+    hold non-zero bytes.
 
     With ``probe`` (sources where a small read is cheap: local files), each block is settled by
     reading its first word, and only blocks that start with a zero word are read whole. Guest
     data almost never starts a 64 KiB block with eight zero bytes, so the scan reads ~1/8192 of
-    the disk instead of all of it; the result is exact either way.
+    the disk instead of all of it; the result is exact either way. Without ``candidates`` the
+    probe streams the image's allocation (``DiskImage.iter_extents``), so a badly fragmented
+    file is never held as a whole map.
     """
     if probe:
-        return _probe_scan(source, candidates, block, progress)
-    found = []
+        stream = source.iter_extents() if candidates is None else iter(candidates)
+        return _probe_scan(source, _aligned(stream, block, source.size), block, progress)
+    if candidates is None:
+        candidates = source.extents()
+    found = ExtentCollector(candidates.size)
     chunk = IO_CHUNK // block * block
     pieces = candidates.aligned(block).split(chunk)
     for piece, data in read_pieces(source, pieces, chunk=chunk, threads=2):
         found.extend(nonzero_extents(data, piece.offset, block))
         if progress:
             progress(piece.length)
-    return ExtentMap(candidates.size, found)
+    return found.build()
+
+
+def _aligned(extents: Iterable[Extent], block: int, size: int) -> Iterator[Extent]:
+    """Ascending extents widened to ``block`` boundaries (clipped to ``size``), without overlaps."""
+    covered = 0
+    for e in extents:
+        start = max(covered, e.offset // block * block)
+        end = min(size, -(-e.end // block) * block)
+        if end > start:
+            yield Extent(start, end - start)
+            covered = end
+
+
+_PROBE_WINDOW = 4096  # blocks probed per call
 
 
 def _probe_scan(
-    source: DiskImage, candidates: ExtentMap, block: int, progress: Progress | None
+    source: DiskImage, candidates: Iterable[Extent], block: int, progress: Progress | None
 ) -> ExtentMap:
     """Every block of ``candidates`` is data except those whose head reads as zeros and whose
     whole content is zeros; only those few are read whole."""
-    found: list[Extent] = []
+    found = ExtentCollector(source.size)
     read = source.read
-    for ext in candidates.aligned(block):
+    window = _PROBE_WINDOW * block  # bounds the list of candidates on a disk full of zeros
+    for ext in candidates:
         pos = ext.offset  # start of the data not yet recorded
-        for off in source.zero_heads(ext.offset, ext.end, block):
-            length = min(block, ext.end - off)
-            if is_zero(read(off, length)):
-                if off > pos:
-                    found.append(Extent(pos, off - pos))
-                pos = off + length
-        if ext.end > pos:
-            found.append(Extent(pos, ext.end - pos))
-        if progress:
-            progress(ext.length)
-    return ExtentMap(candidates.size, found)
+        for start in range(ext.offset, ext.end, window):
+            stop = min(ext.end, start + window)
+            for off in source.zero_heads(start, stop, block):
+                length = min(block, stop - off)
+                if is_zero(read(off, length)):
+                    found.add(pos, off - pos)
+                    pos = off + length
+            if progress:
+                progress(stop - start)
+        found.add(pos, ext.end - pos)
+    return found.build()
 
 
 @dataclass
@@ -105,7 +126,7 @@ def convert_image(
     check_cache_mode(cache)
     dst = os.fspath(dst)
     local = isinstance(getattr(image, "reader", None), FileRangeReader)
-    extents = scan_data_extents(image, image.extents(), progress=scan_progress, probe=local)
+    extents = scan_data_extents(image, progress=scan_progress, probe=local)
     driver = get_driver(fmt)
     layout = driver.plan(image.size, extents, options or {})
     bind = getattr(layout, "bind_output", None)

@@ -22,32 +22,91 @@ class Extent:
         return self.offset + self.length
 
 
+# The most extents a map holds. Past it, the smallest gaps are bridged (see ExtentCollector): a
+# fragmented multi-TiB disk costs a little extra I/O instead of unbounded memory. At ~120 bytes an
+# extent, plus what a format plans from each, this keeps planning well under 100 MiB.
+MAX_EXTENTS = 1 << 18
+
+
+class ExtentCollector:
+    """Builds an ExtentMap from extents given in ascending order, holding at most ``limit``.
+
+    Adjacent extents of the same kind merge. When the count reaches ``limit``, the smallest half
+    of the gaps between extents are bridged: the two neighbours and the gap become one data
+    extent. That is always correct, because a writer reads data extents from the source: a gap
+    of a full export reads as the zeros it holds, a gap of a delta as the unchanged bytes the
+    base also has. Only the output grows a little (zeros or unchanged bytes stored as data),
+    and only for disks fragmented past ``limit`` runs.
+    """
+
+    __slots__ = ("size", "limit", "bridged", "_out")
+
+    def __init__(self, size: int, limit: int | None = None):
+        self.size = size
+        self.limit = max(2, limit or MAX_EXTENTS)
+        self.bridged = 0  # gap bytes turned into data so far
+        self._out: list[Extent] = []
+
+    def add(self, offset: int, length: int, zero: bool = False) -> None:
+        if length <= 0:
+            return
+        if offset < 0 or offset + length > self.size:
+            raise ValueError(f"extent {offset}+{length} outside disk of {self.size} bytes")
+        out = self._out
+        if out:
+            last = out[-1]
+            if offset < last.end:
+                raise ValueError(f"overlapping or unordered extents at {offset}")
+            if offset == last.end and zero == last.zero:
+                out[-1] = Extent(last.offset, last.length + length, zero)
+                return
+        out.append(Extent(offset, length, zero))
+        if len(out) >= self.limit:
+            self._coarsen()
+
+    def extend(self, extents: Iterable[Extent]) -> None:
+        for e in extents:
+            self.add(e.offset, e.length, e.zero)
+
+    def _coarsen(self) -> None:
+        out = self._out
+        gaps = sorted(b.offset - a.end for a, b in zip(out, out[1:], strict=False))
+        budget = len(out) // 2  # gaps to bridge: at most this many, the smallest first
+        threshold = gaps[budget - 1]
+        below = sum(1 for g in gaps[:budget] if g < threshold)
+        ties = budget - below  # how many gaps equal to the threshold may still go
+        merged = [out[0]]
+        for e in out[1:]:
+            last = merged[-1]
+            gap = e.offset - last.end
+            if gap < threshold or (gap == threshold and ties > 0):
+                if gap == threshold:
+                    ties -= 1
+                self.bridged += gap
+                merged[-1] = Extent(last.offset, e.end - last.offset)  # data: read from source
+            else:
+                merged.append(e)
+        self._out = merged
+
+    def build(self) -> ExtentMap:
+        m = ExtentMap.__new__(ExtentMap)
+        m.size = self.size
+        m._extents = self._out
+        self._out = []
+        return m
+
+
 class ExtentMap:
-    """Sorted, non-overlapping, merged extents over a disk of ``size`` bytes."""
+    """Sorted, non-overlapping, merged extents over a disk of ``size`` bytes (at most
+    MAX_EXTENTS of them: a more fragmented input is bridged, see ExtentCollector)."""
 
     __slots__ = ("size", "_extents")
 
     def __init__(self, size: int, extents: Iterable[Extent] = ()):
         self.size = size
-        self._extents = self._normalise(size, extents)
-
-    @staticmethod
-    def _normalise(size: int, extents: Iterable[Extent]) -> list[Extent]:
-        merged: list[Extent] = []
-        for e in sorted(extents, key=lambda x: x.offset):
-            if e.length <= 0:
-                continue
-            if e.offset < 0 or e.end > size:
-                raise ValueError(f"extent {e.offset}+{e.length} outside disk of {size} bytes")
-            if merged:
-                last = merged[-1]
-                if e.offset < last.end:
-                    raise ValueError(f"overlapping extents at {e.offset}")
-                if e.offset == last.end and e.zero == last.zero:
-                    merged[-1] = Extent(last.offset, last.length + e.length, last.zero)
-                    continue
-            merged.append(e)
-        return merged
+        collector = ExtentCollector(size)
+        collector.extend(sorted(extents, key=lambda x: x.offset))
+        self._extents = collector.build()._extents
 
     @classmethod
     def full(cls, size: int) -> ExtentMap:

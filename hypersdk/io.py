@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from typing import Protocol, runtime_checkable
 
 from hypersdk.errors import DiskReadError, TargetError, TargetFullError
-from hypersdk.extents import Extent, ExtentMap
+from hypersdk.extents import Extent, ExtentCollector, ExtentMap
 
 IO_CHUNK = 4 * 1024 * 1024  # large aligned I/O everywhere
 _ZEROS = bytes(IO_CHUNK)
@@ -97,7 +97,14 @@ class FileRangeReader:
 
     def allocated(self) -> ExtentMap:
         """Extents the filesystem holds data for (SEEK_DATA/SEEK_HOLE); whole file if unsupported."""
-        return allocated_extents(self._fd, self.size)
+        found = ExtentCollector(self.size)
+        found.extend(self.iter_allocated())
+        return found.build()
+
+    def iter_allocated(self) -> Iterator[Extent]:
+        """The same extents, found lazily in order: a scan that streams them never holds a
+        fragmented file's whole allocation map."""
+        return iter_allocated(self._fd, self.size)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -111,26 +118,26 @@ class FileRangeReader:
         self.close()
 
 
-def allocated_extents(fd: int, size: int) -> ExtentMap:
-    """Data extents of a file per SEEK_DATA/SEEK_HOLE; the whole file where that is unsupported."""
-    extents: list[Extent] = []
+def iter_allocated(fd: int, size: int) -> Iterator[Extent]:
+    """Data extents of a file per SEEK_DATA/SEEK_HOLE, in order; the rest of the file as one
+    extent from wherever that is unsupported."""
+    seek_data, seek_hole = getattr(os, "SEEK_DATA", None), getattr(os, "SEEK_HOLE", None)
     pos = 0
-    try:
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # no more data
-                    break
-                raise
+    while pos < size:
+        try:
+            if seek_data is None or seek_hole is None:
+                raise OSError(errno.EINVAL, "SEEK_DATA unsupported")
+            start = os.lseek(fd, pos, seek_data)
             if start >= size:
-                break
-            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-            extents.append(Extent(start, end - start))
-            pos = end
-    except (OSError, AttributeError):
-        return ExtentMap.full(size)
-    return ExtentMap(size, extents)
+                return
+            end = min(os.lseek(fd, start, seek_hole), size)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no more data
+                return
+            yield Extent(pos, size - pos)
+            return
+        yield Extent(start, end - start)
+        pos = end
 
 
 class Sink(Protocol):

@@ -8,10 +8,10 @@ differ, and those live in each driver.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from hypersdk.errors import FormatError, InvalidParameterError
-from hypersdk.extents import Extent, ExtentMap
+from hypersdk.extents import Extent, ExtentCollector, ExtentMap
 from hypersdk.formats.base import Progress, Readable
 from hypersdk.io import IO_CHUNK, RangeReader, Sink, read_pieces
 
@@ -170,12 +170,10 @@ def check_read(name: str, offset: int, length: int, size: int) -> None:
         raise FormatError(name, f"read {offset}+{length} beyond disk end {size}")
 
 
-def block_extents(blocks: list[int], block: int, size: int) -> ExtentMap:
-    return ExtentMap(
-        size,
-        [
-            Extent(b * block, min(size, (b + 1) * block) - b * block)
-            for b in blocks
-            if b * block < size
-        ],
-    )
+def block_extents(blocks: Iterable[int], block: int, size: int) -> ExtentMap:
+    """The guest ranges of the used ``blocks`` (ascending indices)."""
+    out = ExtentCollector(size)
+    for b in blocks:
+        if b * block < size:
+            out.add(b * block, min(size, (b + 1) * block) - b * block)
+    return out.build()

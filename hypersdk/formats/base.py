@@ -15,12 +15,12 @@ The generic layer (convert, flows) never knows a format's guts.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
 from hypersdk.errors import InvalidParameterError
-from hypersdk.extents import ExtentMap
+from hypersdk.extents import Extent, ExtentMap
 from hypersdk.io import RangeReader, Sink
 
 Progress = Callable[[int], None]
@@ -50,6 +50,11 @@ class DiskImage(ABC):
     def extents(self) -> ExtentMap:
         """Where data may be (allocated clusters, data runs). Outside them the disk reads as zeros
         (or as the backing file, which a reader resolves itself). May include zero-filled data."""
+
+    def iter_extents(self) -> Iterator[Extent]:
+        """``extents()`` in guest order, lazily where the image can (a raw file walks SEEK_DATA):
+        a scan that streams them never holds a fragmented disk's whole allocation map."""
+        return iter(self.extents())
 
     @abstractmethod
     def read(self, offset: int, length: int) -> bytes:

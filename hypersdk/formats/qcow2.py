@@ -65,7 +65,7 @@ from hypersdk.errors import (
     TargetFullError,
     UnsupportedFormatError,
 )
-from hypersdk.extents import Extent, ExtentMap
+from hypersdk.extents import Extent, ExtentCollector, ExtentMap
 from hypersdk.formats import _qcow2_layout as L
 from hypersdk.formats._deflate import deflate, worth_deflating
 from hypersdk.formats.base import DiskImage, FormatDriver, Layout, Progress, Readable
@@ -1001,30 +1001,23 @@ class Qcow2Image(DiskImage):
 
     def extents(self) -> ExtentMap:
         cs, size = self.cluster_size, self.virtual_size
-        own: list[Extent] = []
-        holes: list[tuple[int, int]] = []
-        for kind, c, count, _ in self._walk():
+        out = ExtentCollector(size)
+        base = self.backing.extents().data() if self.backing is not None else iter(())
+        shown = next(base, None)  # the backing's next data extent, where it shows through
+        for kind, c, count, _ in self._walk():  # in guest order
             a, b = c * cs, min(size, (c + count) * cs)
             if kind in (_STD, _COMP):
-                own.append(Extent(a, b - a))
-            elif kind == _UNALLOC and self.backing is not None:
-                if holes and holes[-1][1] == a:
-                    holes[-1] = (holes[-1][0], b)
-                else:
-                    holes.append((a, b))
-        if self.backing is not None and holes:
-            base = [e for e in self.backing.extents().data() if e.offset < size]
-            i = 0
-            for a, b in holes:
-                while i < len(base) and base[i].end <= a:
-                    i += 1
-                k = i
-                while k < len(base) and base[k].offset < b:
-                    s, t = max(a, base[k].offset), min(b, base[k].end, size)
-                    if t > s:
-                        own.append(Extent(s, t - s))
-                    k += 1
-        return ExtentMap(size, own)
+                out.add(a, b - a)
+            elif kind == _UNALLOC:
+                while shown is not None and shown.end <= a:
+                    shown = next(base, None)
+                while shown is not None and shown.offset < b:
+                    start = max(a, shown.offset)
+                    out.add(start, min(b, shown.end) - start)
+                    if shown.end > b:
+                        break
+                    shown = next(base, None)
+        return out.build()
 
     def info(self) -> dict:
         h = self.header

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 from hypersdk.blockmap import nonzero_extents
 from hypersdk.errors import FormatError
-from hypersdk.extents import ExtentMap
+from hypersdk.extents import Extent, ExtentMap
 from hypersdk.formats.base import DiskImage, FormatDriver, Layout, Progress, Readable
 from hypersdk.io import IO_CHUNK, FileRangeReader, RangeReader, Sink, read_pieces
 
@@ -20,6 +20,11 @@ class RawImage(DiskImage):
         if isinstance(self.reader, FileRangeReader):
             return self.reader.allocated()
         return ExtentMap.full(self.virtual_size)
+
+    def iter_extents(self) -> Iterator[Extent]:
+        if isinstance(self.reader, FileRangeReader):
+            return self.reader.iter_allocated()
+        return super().iter_extents()
 
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.virtual_size:

@@ -115,7 +115,7 @@ class VdiImage(DiskImage):
         return read_mapped(self.reader, offset, length, BLOCK, self._locate)
 
     def extents(self) -> ExtentMap:
-        used = np.flatnonzero(self.bmap < DISCARDED).tolist()
+        used = map(int, np.flatnonzero(self.bmap < DISCARDED))
         return block_extents(used, BLOCK, self.virtual_size)
 
     def info(self) -> dict:

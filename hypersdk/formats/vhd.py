@@ -188,14 +188,14 @@ class VhdImage(DiskImage):
             return self.reader.read(offset, length)
         return read_mapped(self.reader, offset, length, self.block, self._locate)
 
-    def _used(self) -> list[int]:
+    def _used(self) -> np.ndarray:
         assert self.bat is not None
-        return np.flatnonzero(self.bat != UNUSED).tolist()
+        return np.flatnonzero(self.bat != UNUSED)
 
     def extents(self) -> ExtentMap:
         if self.bat is None:
             return ExtentMap.full(self.virtual_size)
-        return block_extents(self._used(), self.block, self.virtual_size)
+        return block_extents(map(int, self._used()), self.block, self.virtual_size)
 
     def info(self) -> dict:
         out = {

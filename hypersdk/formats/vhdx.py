@@ -225,7 +225,7 @@ class VhdxImage(DiskImage):
         return read_mapped(self.reader, offset, length, self.block, self._locate)
 
     def extents(self) -> ExtentMap:
-        used = np.flatnonzero(self.offsets >= 0).tolist()
+        used = map(int, np.flatnonzero(self.offsets >= 0))
         return block_extents(used, self.block, self.virtual_size)
 
     def info(self) -> dict:

@@ -43,7 +43,7 @@ from hypersdk.errors import (
     InvalidParameterError,
     UnsupportedFormatError,
 )
-from hypersdk.extents import Extent, ExtentMap
+from hypersdk.extents import Extent, ExtentCollector, ExtentMap
 from hypersdk.formats import _vmdk_layout as L
 from hypersdk.formats._deflate import deflate, worth_deflating
 from hypersdk.formats.base import DiskImage, FormatDriver, Layout, Progress, Readable
@@ -336,9 +336,8 @@ class SparseExtent:
                 parts[i] = data
         return parts[0] if len(parts) == 1 else b"".join(parts)  # type: ignore[return-value]
 
-    def data_extents(self, base: int = 0) -> list[Extent]:
-        """Guest ranges of allocated (non-zero) grains, offset by ``base``."""
-        out: list[Extent] = []
+    def data_extents(self, base: int = 0) -> Iterator[Extent]:
+        """Guest ranges of allocated (non-zero) grains, offset by ``base``, in order."""
         gb, per = self.grain_bytes, self.gt_entries
         for i in np.flatnonzero(self.gd).tolist():
             gt = self._gt(i)
@@ -353,8 +352,7 @@ class SparseExtent:
                 s = (i * per + a) * gb
                 e = min((i * per + b) * gb, self.capacity)
                 if e > s:
-                    out.append(Extent(base + s, e - s))
-        return out
+                    yield Extent(base + s, e - s)
 
     def check(self) -> list[str]:
         problems = []
@@ -413,20 +411,18 @@ class VmdkImage(DiskImage):
         self._starts = [p.start for p in parts]
 
     def extents(self) -> ExtentMap:
-        out: list[Extent] = []
-        for p in self.parts:
+        out = ExtentCollector(self.virtual_size)
+        for p in self.parts:  # in guest order
             if p.kind == "SPARSE":
                 out.extend(p.sparse.data_extents(p.start))  # type: ignore[union-attr]
             elif p.kind == "FLAT":
                 alloc = getattr(p.reader, "allocated", None)
                 if alloc is None or p.file_offset:
-                    out.append(Extent(p.start, p.length))
+                    out.add(p.start, p.length)
                 else:
                     for e in alloc():
-                        s, t = e.offset, min(e.end, p.length)
-                        if t > s:
-                            out.append(Extent(p.start + s, t - s))
-        return ExtentMap(self.virtual_size, out)
+                        out.add(p.start + e.offset, min(e.end, p.length) - e.offset)
+        return out.build()
 
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.virtual_size:

@@ -247,7 +247,7 @@ class LocalSource(Source):
         try:
             # at the map's block size, so the export's reads cover whole blocks of the map
             block = block_size_for(image.size)
-            extents = scan_data_extents(image, image.extents(), block, probe=True)
+            extents = scan_data_extents(image, None, block, probe=True)
         finally:
             image.close()
         return DiskChanges(extents, snap.id, None, note=note)
