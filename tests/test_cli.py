@@ -176,3 +176,37 @@ def test_migrate_cli_against_server(prefect_server, tmp_path, qemu_img):
     assert not list((tmp_path / "small").rglob("*.qcow2")) and not list(
         (tmp_path / "small").rglob("*.partial-*")
     )
+
+
+_LIGHT_CHECK = """
+import sys
+from hypersdk.cli.main import main
+code = main(sys.argv[1:])
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {
+    "typer", "pydantic", "rich", "prefect", "httpx", "boto3"})
+print("HEAVY=" + ",".join(heavy))
+sys.exit(code)
+"""
+
+
+def test_cli_start_up_stays_light(tmp_path):
+    """``hyperctl convert`` is timed against qemu-img: neither --help nor a quiet, piped convert
+    may load typer, pydantic, rich, Prefect or the cloud SDKs."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"}
+
+    def child(*args):
+        res = subprocess.run(
+            [sys.executable, "-c", _LIGHT_CHECK, *map(str, args)],
+            capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=60,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
+    out = child("convert", "--help")
+    assert "--output-format" in out and "Source image" in out
+    assert "HEAVY=\n" in out, out
+    src = tmp_path / "small.raw"
+    write_realistic_disk(src, 2 * MiB, seed=1)
+    out = child("convert", "-t", "unsafe", src, tmp_path / "small.qcow2")  # stderr: a pipe
+    assert "small.qcow2 (qcow2)" in out and "HEAVY=\n" in out, out
+    qemu.compare(src, tmp_path / "small.qcow2", "raw", "qcow2")

@@ -1,23 +1,31 @@
-"""Shared CLI helpers: progress bars and option parsing."""
+"""Shared CLI helpers: click classes, progress bars and option parsing.
+
+Nothing here imports rich at module level: a quiet or piped ``hyperctl convert`` must start as fast
+as possible (the target is qemu-img's wall time), so rich loads only when a bar is really drawn.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+import click
 
 from hypersdk.errors import InvalidParameterError
 
 
-def parse_options(pairs: list[str] | None) -> dict[str, str]:
+class Group(click.Group):
+    """Commands listed in registration order (sub-groups last), not alphabetically."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(self.commands, key=lambda n: isinstance(self.commands[n], click.Group))
+
+
+Group.group_class = Group
+
+
+def parse_options(pairs: Iterable[str] | None) -> dict[str, str]:
     """``-o key=value`` pairs into a dict, with a clear error for a malformed one."""
     out: dict[str, str] = {}
     for pair in pairs or []:
@@ -30,22 +38,36 @@ def parse_options(pairs: list[str] | None) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def progress_bar(enabled: bool = True) -> Iterator[Progress]:
-    """A rich progress display (bytes, speed, ETA) on stderr; disabled when not a terminal."""
+def progress_bar(enabled: bool = True) -> Iterator[Any]:
+    """A rich progress display (bytes, speed, ETA) on stderr, or None when disabled (quiet, or
+    stderr is not a terminal): then rich is never imported."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     bar = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         DownloadColumn(binary_units=True),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
-        disable=not enabled,
         transient=False,
     )
     with bar:
         yield bar
 
 
-def byte_counter(bar: Progress, description: str, total: int | None):
-    """A progress callback (bytes done) bound to a new bar task."""
+def byte_counter(bar: Any, description: str, total: int | None) -> Callable[[int], None] | None:
+    """A progress callback (bytes done) bound to a new bar task; None without a bar."""
+    if bar is None:
+        return None
     task = bar.add_task(description, total=total)
     return lambda n: bar.advance(task, n)

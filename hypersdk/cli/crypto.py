@@ -9,25 +9,19 @@ from __future__ import annotations
 import getpass
 import os
 import sys
-from typing import Annotated
 
-import typer
+import click
 
 from hypersdk.cli.common import byte_counter, progress_bar
 from hypersdk.errors import CredentialsError, InvalidParameterError
 
-KeyFile = Annotated[str | None, typer.Option("--key-file", help="File holding a 32-byte key")]
-PassFile = Annotated[
-    str | None, typer.Option("--passphrase-file", help="File holding the passphrase")
-]
-PassEnv = Annotated[
-    str | None,
-    typer.Option("--passphrase-env", help="NAME of an environment variable holding the passphrase"),
-]
-GnupgHome = Annotated[
-    str | None, typer.Option("--gnupghome", help="GnuPG home (default: $GNUPGHOME)")
-]
-Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar")]
+key_file_opt = click.option("--key-file", help="File holding a 32-byte key")
+pass_file_opt = click.option("--passphrase-file", help="File holding the passphrase")
+pass_env_opt = click.option(
+    "--passphrase-env", help="NAME of an environment variable holding the passphrase"
+)
+gnupghome_opt = click.option("--gnupghome", help="GnuPG home (default: $GNUPGHOME)")
+quiet_opt = click.option("-q", "--quiet", is_flag=True, help="No progress bar")
 
 
 def _key(
@@ -69,24 +63,29 @@ def _size(path: str) -> int | None:
         return None
 
 
+@click.command(help="Encrypt a file (AES-256-GCM container, or GPG to a recipient).")
+@click.argument("src", help="Plaintext file")
+@click.argument("dst", help="Encrypted output (written atomically)")
+@key_file_opt
+@pass_file_opt
+@pass_env_opt
+@click.option("--gpg-recipient", help="Encrypt with GPG to this recipient")
+@gnupghome_opt
+@click.option("--kdf", default="scrypt", help="Passphrase KDF: scrypt or argon2id")
+@click.option("--chunk-size", default=1024 * 1024, help="Chunk size in bytes")
+@quiet_opt
 def encrypt(
-    src: Annotated[str, typer.Argument(help="Plaintext file")],
-    dst: Annotated[str, typer.Argument(help="Encrypted output (written atomically)")],
-    key_file: KeyFile = None,
-    passphrase_file: PassFile = None,
-    passphrase_env: PassEnv = None,
-    gpg_recipient: Annotated[
-        str | None, typer.Option("--gpg-recipient", help="Encrypt with GPG to this recipient")
-    ] = None,
-    gnupghome: GnupgHome = None,
-    kdf: Annotated[
-        str, typer.Option("--kdf", help="Passphrase KDF: scrypt or argon2id")
-    ] = "scrypt",
-    chunk_size: Annotated[int, typer.Option("--chunk-size", help="Chunk size in bytes")] = 1024
-    * 1024,
-    quiet: Quiet = False,
+    src: str,
+    dst: str,
+    key_file: str | None,
+    passphrase_file: str | None,
+    passphrase_env: str | None,
+    gpg_recipient: str | None,
+    gnupghome: str | None,
+    kdf: str,
+    chunk_size: int,
+    quiet: bool,
 ) -> None:
-    """Encrypt a file (AES-256-GCM container, or GPG to a recipient)."""
     from hypersdk.crypto import Encryptor, KeySpec, encrypt_file
     from hypersdk.crypto.container import check_chunk_size
 
@@ -118,23 +117,32 @@ def encrypt(
                 for off in range(0, reader.size, IO_CHUNK):
                     n = min(IO_CHUNK, reader.size - off)
                     sink.write(reader.read(off, n))
-                    progress(n)
+                    if progress:
+                        progress(n)
                 sink.finish()
             finally:
                 sink.close()
 
 
+@click.command(help="Decrypt a file; nothing is written under OUT unless every byte authenticates.")
+@click.argument("src", help="Encrypted file")
+@click.argument("dst", help="Plaintext output (written atomically)")
+@key_file_opt
+@pass_file_opt
+@pass_env_opt
+@click.option("--gpg", is_flag=True, help="Decrypt a GPG message")
+@gnupghome_opt
+@quiet_opt
 def decrypt(
-    src: Annotated[str, typer.Argument(help="Encrypted file")],
-    dst: Annotated[str, typer.Argument(help="Plaintext output (written atomically)")],
-    key_file: KeyFile = None,
-    passphrase_file: PassFile = None,
-    passphrase_env: PassEnv = None,
-    gpg: Annotated[bool, typer.Option("--gpg", help="Decrypt a GPG message")] = False,
-    gnupghome: GnupgHome = None,
-    quiet: Quiet = False,
+    src: str,
+    dst: str,
+    key_file: str | None,
+    passphrase_file: str | None,
+    passphrase_env: str | None,
+    gpg: bool,
+    gnupghome: str | None,
+    quiet: bool,
 ) -> None:
-    """Decrypt a file; nothing is written under OUT unless every byte authenticates."""
     from hypersdk.crypto import decrypt_file
 
     key = _key(
@@ -151,6 +159,6 @@ def decrypt(
         decrypt_file(src, dst, key, byte_counter(bar, "decrypt", None))
 
 
-def register(app: typer.Typer) -> None:
-    app.command()(encrypt)
-    app.command()(decrypt)
+def register(group: click.Group) -> None:
+    group.add_command(encrypt)
+    group.add_command(decrypt)

@@ -1,6 +1,8 @@
-"""``hyperctl``: the command line. Each module in this package with ``register(app)`` adds its
+"""``hyperctl``: the command line. Each module in this package with ``register(group)`` adds its
 commands, so a new command group is one new module.
 
+Plain click (no typer, no rich at start-up): ``hyperctl convert`` is timed against qemu-img, so
+the CLI's own start-up must stay small. Commands import their engine modules when they run.
 Errors from the engine (HyperSDKError) end as one red line and a non-zero exit, never a traceback.
 """
 
@@ -19,19 +21,17 @@ if os.environ.get("HYPERSDK_VERBOSE") != "1":
     # Failures reach the user as our one-line error; the run keeps its full logs in Prefect.
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
 
-import typer
-from rich.console import Console
+import click
 
+from hypersdk.cli.common import Group
 from hypersdk.errors import HyperSDKError
 
-app = typer.Typer(
+app = Group(
     name="hyperctl",
     help="Export, back up and migrate VMs across hypervisors and clouds.",
     no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
+    context_settings={"show_default": True},
 )
-err = Console(stderr=True, soft_wrap=True)
 
 
 def _register_all() -> None:
@@ -49,32 +49,38 @@ def _register_all() -> None:
 _register_all()
 
 
+def _fail(label: str, message: str) -> None:
+    """One line on stderr; click strips the colour when stderr is not a terminal."""
+    click.echo(f"{click.style(label, fg='red')} {message}".rstrip(), err=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        # Without standalone mode typer returns exit codes (130 for Ctrl-C) instead of exiting.
-        code = app(args=argv, standalone_mode=False)
-        if code == 130:
-            raise KeyboardInterrupt
+        # Without standalone mode click returns exit codes and raises errors for us to print.
+        code = app.main(args=argv, standalone_mode=False)
         if isinstance(code, int) and code:
             return code
     except HyperSDKError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        _fail("error:", str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
-        err.print("[red]interrupted:[/red] nothing was published under a final name")
+        _fail("interrupted:", "nothing was published under a final name")
         return 130
+    except click.exceptions.Abort as exc:
+        # click turns Ctrl-C (and EOF at a prompt) inside a command into Abort
+        if isinstance(exc.__cause__, KeyboardInterrupt):
+            _fail("interrupted:", "nothing was published under a final name")
+            return 130
+        _fail("aborted", "")
+        return 1
+    except click.exceptions.ClickException as exc:  # usage errors: click's message, exit 2
+        exc.show()
+        return exc.exit_code
     except SystemExit as exc:
-        return int(exc.code or 0)
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
-            err.print("[red]aborted[/red]")
-            return 1
-        raise
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        click.echo(exc.code, err=True)
+        return 1
     return 0
 
 

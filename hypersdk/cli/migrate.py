@@ -7,40 +7,23 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
-import typer
-from rich.console import Console
-from rich.table import Table
+import click
 
-from hypersdk import config, progress
-from hypersdk.cli.common import parse_options, progress_bar
-from hypersdk.units import human
+from hypersdk.cli.common import Group, parse_options, progress_bar
 
 if TYPE_CHECKING:  # pydantic-backed modules load when a command runs, not at CLI start-up
     from hypersdk.summary import MigrationResult
 
-out = Console(soft_wrap=True)
-vms_app = typer.Typer(help="Inventory of a source.", no_args_is_help=True)
+vms_app = Group("vms", help="Inventory of a source.", no_args_is_help=True)
 
-SourceOpt = Annotated[
-    str | None, typer.Option("--source", "-s", help="Source URL (default: local demo VMs)")
-]
-TargetOpt = Annotated[
-    str | None, typer.Option("--target", "-t", help="Target URL (default: local exports)")
-]
-KeyFileOpt = Annotated[
-    str | None, typer.Option("--key-file", help="Encrypt with a 32-byte key file")
-]
-PassFileOpt = Annotated[
-    str | None, typer.Option("--passphrase-file", help="Encrypt with the passphrase in this file")
-]
-PassEnvOpt = Annotated[
-    str | None, typer.Option("--passphrase-env", help="Encrypt with the passphrase in this env var")
-]
-GpgOpt = Annotated[
-    str | None, typer.Option("--gpg-recipient", help="Encrypt with GPG to this recipient")
-]
+source_opt = click.option("--source", "-s", help="Source URL (default: local demo VMs)")
+target_opt = click.option("--target", "-t", help="Target URL (default: local exports)")
+key_file_opt = click.option("--key-file", help="Encrypt with a 32-byte key file")
+pass_file_opt = click.option("--passphrase-file", help="Encrypt with the passphrase in this file")
+pass_env_opt = click.option("--passphrase-env", help="Encrypt with the passphrase in this env var")
+gpg_opt = click.option("--gpg-recipient", help="Encrypt with GPG to this recipient")
 
 
 def encryption_ref(
@@ -71,6 +54,11 @@ def encryption_ref(
 @contextlib.contextmanager
 def live_progress(enabled: bool) -> Iterator[None]:
     """Draw one bar per pipeline stage from the in-process progress bus."""
+    if not enabled:
+        yield
+        return
+    from hypersdk import progress
+
     with progress_bar(enabled) as bar:
         tasks: dict[str, Any] = {}
 
@@ -92,33 +80,36 @@ def live_progress(enabled: bool) -> Iterator[None]:
 def _show(result: MigrationResult) -> None:
     from hypersdk.summary import render_text
 
-    out.print(render_text(result), highlight=False, soft_wrap=True)
+    click.echo(render_text(result))
 
 
+@click.command(
+    help="Export a VM: snapshot, CBT diff, download, convert, encrypt, upload, manifest, verify."
+)
+@click.argument("vm", required=False, help="VM name (optional if the source holds one VM)")
+@source_opt
+@target_opt
+@click.option("-O", "--format", "output_format", default="qcow2", help="Disk format of the export")
+@click.option("-o", "--option", multiple=True, help="Format option key=value")
+@click.option("--full", is_flag=True, help="Full export even if a previous one exists")
+@click.option("--no-verify", is_flag=True, help="Skip re-reading the export")
+@key_file_opt
+@pass_file_opt
+@pass_env_opt
+@gpg_opt
 def migrate(
-    vm: Annotated[
-        str | None, typer.Argument(help="VM name (optional if the source holds one VM)")
-    ] = None,
-    source: SourceOpt = None,
-    target: TargetOpt = None,
-    output_format: Annotated[
-        str, typer.Option("-O", "--format", help="Disk format of the export")
-    ] = "qcow2",
-    option: Annotated[
-        list[str] | None, typer.Option("-o", "--option", help="Format option key=value")
-    ] = None,
-    full: Annotated[
-        bool, typer.Option("--full", help="Full export even if a previous one exists")
-    ] = False,
-    no_verify: Annotated[
-        bool, typer.Option("--no-verify", help="Skip re-reading the export")
-    ] = False,
-    key_file: KeyFileOpt = None,
-    passphrase_file: PassFileOpt = None,
-    passphrase_env: PassEnvOpt = None,
-    gpg_recipient: GpgOpt = None,
+    vm: str | None,
+    source: str | None,
+    target: str | None,
+    output_format: str,
+    option: tuple[str, ...],
+    full: bool,
+    no_verify: bool,
+    key_file: str | None,
+    passphrase_file: str | None,
+    passphrase_env: str | None,
+    gpg_recipient: str | None,
 ) -> None:
-    """Export a VM: snapshot, CBT diff, download, convert, encrypt, upload, manifest, verify."""
     params = dict(
         source=source,
         target=target,
@@ -140,17 +131,25 @@ def migrate(
     _show(result)
 
 
+@click.command(help="Incremental backup (what the nightly deployment runs).")
+@click.argument("vm", required=False, help="VM name")
+@source_opt
+@target_opt
+@click.option("--full-every", default=7, help="Force a full export after this many deltas")
+@key_file_opt
+@pass_file_opt
+@pass_env_opt
+@gpg_opt
 def backup(
-    vm: Annotated[str | None, typer.Argument(help="VM name")] = None,
-    source: SourceOpt = None,
-    target: TargetOpt = None,
-    full_every: Annotated[int, typer.Option(help="Force a full export after this many deltas")] = 7,
-    key_file: KeyFileOpt = None,
-    passphrase_file: PassFileOpt = None,
-    passphrase_env: PassEnvOpt = None,
-    gpg_recipient: GpgOpt = None,
+    vm: str | None,
+    source: str | None,
+    target: str | None,
+    full_every: int,
+    key_file: str | None,
+    passphrase_file: str | None,
+    passphrase_env: str | None,
+    gpg_recipient: str | None,
 ) -> None:
-    """Incremental backup (what the nightly deployment runs)."""
     params = dict(
         vm=vm,
         source=source,
@@ -169,25 +168,27 @@ def backup(
     _show(result)
 
 
-def demo(
-    target: TargetOpt = None,
-    output_format: Annotated[str, typer.Option("-O", "--format")] = "qcow2",
-) -> None:
-    """The main job on the embedded demo VM: create it (first run) or change some of its blocks
-    (later runs), then export it with the migrate-vm flow (incremental after the first run)."""
+@click.command(
+    help="The main job on the embedded demo VM: create it (first run) or change some of its blocks "
+    "(later runs), then export it with the migrate-vm flow (incremental after the first run)."
+)
+@target_opt
+@click.option("-O", "--format", "output_format", default="qcow2")
+@click.pass_context
+def demo(ctx: click.Context, target: str | None, output_format: str) -> None:
+    from hypersdk import config
     from hypersdk.demo import ensure_demo_vm
+    from hypersdk.units import human
 
     state = ensure_demo_vm()
     if state.created:
-        out.print(
-            f"Created demo VM at {state.vm_dir} (sparse {human(384 << 20)} disk)", highlight=False
-        )
+        click.echo(f"Created demo VM at {state.vm_dir} (sparse {human(384 << 20)} disk)")
     else:
-        out.print(
-            f"Demo VM {state.vm_dir}: {state.changed_blocks} blocks changed since the last run",
-            highlight=False,
+        click.echo(
+            f"Demo VM {state.vm_dir}: {state.changed_blocks} blocks changed since the last run"
         )
-    migrate(
+    ctx.invoke(  # the other options keep their defaults
+        migrate,
         vm="demo-vm",
         source=f"local://{state.vm_dir.parent}",
         target=target or config.default_target_url(),
@@ -195,16 +196,20 @@ def demo(
     )
 
 
+@click.command(help="Re-read an export and check every hash in its manifest.")
+@click.argument("manifest", help="Manifest key on the target, e.g. VM/EXPORT_ID/manifest.json")
+@target_opt
+@key_file_opt
+@pass_file_opt
+@pass_env_opt
 def verify(
-    manifest: Annotated[
-        str, typer.Argument(help="Manifest key on the target, e.g. VM/EXPORT_ID/manifest.json")
-    ],
-    target: TargetOpt = None,
-    key_file: KeyFileOpt = None,
-    passphrase_file: PassFileOpt = None,
-    passphrase_env: PassEnvOpt = None,
+    manifest: str,
+    target: str | None,
+    key_file: str | None,
+    passphrase_file: str | None,
+    passphrase_env: str | None,
 ) -> None:
-    """Re-read an export and check every hash in its manifest."""
+    from hypersdk import config
     from hypersdk.verify import verify_export
     from providers import open_target
 
@@ -216,22 +221,28 @@ def verify(
     with open_target(target or config.default_target_url()) as t:
         verdicts = verify_export(t, manifest, enc)
     for v in verdicts:
-        out.print(f"{v.key}: OK ({v.chunks_checked} chunks)", highlight=False)
+        click.echo(f"{v.key}: OK ({v.chunks_checked} chunks)")
 
 
-@vms_app.command("list")
-def vms_list(
-    source: SourceOpt = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
-) -> None:
-    """List the VMs of a source."""
+@vms_app.command("list", help="List the VMs of a source.")
+@source_opt
+@click.option("--json", "as_json", is_flag=True)
+def vms_list(source: str | None, as_json: bool) -> None:
+    import json
+
+    from hypersdk import config
+    from hypersdk.units import human
     from providers import open_source
 
     with open_source(source or config.default_source_url()) as src:
         vms = src.list_vms()
     if as_json:
-        out.print_json(data=[v.model_dump(mode="json") for v in vms])
+        data = [v.model_dump(mode="json") for v in vms]
+        click.echo(json.dumps(data, indent=2, ensure_ascii=False))
         return
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table("name", "power", "cpus", "memory", "disks", "CBT")
     for v in vms:
         table.add_row(
@@ -242,12 +253,10 @@ def vms_list(
             ", ".join(f"{d.name} {human(d.capacity)}" for d in v.disks),
             {True: "on", False: "off", None: "-"}[v.cbt_enabled],
         )
-    out.print(table)
+    Console(soft_wrap=True).print(table)
 
 
-def register(app: typer.Typer) -> None:
-    app.command()(migrate)
-    app.command()(backup)
-    app.command()(demo)
-    app.command()(verify)
-    app.add_typer(vms_app, name="vms")
+def register(group: click.Group) -> None:
+    for cmd in (migrate, backup, demo, verify):
+        group.add_command(cmd)
+    group.add_command(vms_app)

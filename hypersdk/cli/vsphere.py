@@ -9,30 +9,25 @@ GOVC_PASSWORD, GOVC_INSECURE) or ``--secret BLOCK`` (a Prefect Secret block); ne
 from __future__ import annotations
 
 import json
-from typing import Annotated
 
-import typer
-from rich.console import Console
+import click
 
-from hypersdk.errors import InvalidParameterError
+from hypersdk.cli.common import Group
 
-out = Console(soft_wrap=True)
-cbt_app = typer.Typer(help="Changed Block Tracking on vSphere VMs.", no_args_is_help=True)
+cbt_app = Group("cbt", help="Changed Block Tracking on vSphere VMs.", no_args_is_help=True)
 
-SourceOpt = Annotated[
-    str, typer.Option("--source", "-s", help="vsphere://host[:port][/Datacenter/vm/path]")
-]
-SecretOpt = Annotated[
-    str | None, typer.Option("--secret", help="Prefect Secret block holding the login")
-]
-InsecureOpt = Annotated[
-    bool,
-    typer.Option("--insecure", help="Skip TLS certificate verification (like GOVC_INSECURE=1)"),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
+source_opt = click.option(
+    "--source", "-s", required=True, help="vsphere://host[:port][/Datacenter/vm/path]"
+)
+secret_opt = click.option("--secret", help="Prefect Secret block holding the login")
+insecure_opt = click.option(
+    "--insecure", is_flag=True, help="Skip TLS certificate verification (like GOVC_INSECURE=1)"
+)
+json_opt = click.option("--json", "as_json", is_flag=True, help="Machine-readable output")
 
 
 def _open(source: str, secret: str | None, insecure: bool):
+    from hypersdk.errors import InvalidParameterError
     from providers import open_source
 
     if not source.startswith("vsphere://"):
@@ -43,73 +38,73 @@ def _open(source: str, secret: str | None, insecure: bool):
     return open_source(source, **options)
 
 
-@cbt_app.command("enable")
-def cbt_enable(
-    vm: Annotated[str, typer.Argument(help="VM name or moref (vm-42)")],
-    source: SourceOpt,
-    secret: SecretOpt = None,
-    insecure: InsecureOpt = False,
-    no_stun: Annotated[
-        bool, typer.Option("--no-stun", help="Skip the snapshot create/remove that activates CBT")
-    ] = False,
-) -> None:
-    """Enable CBT (ReconfigVM) and activate it with a snapshot create/remove (stun/unstun)."""
+@cbt_app.command(
+    "enable",
+    help="Enable CBT (ReconfigVM) and activate it with a snapshot create/remove (stun/unstun).",
+)
+@click.argument("vm", help="VM name or moref (vm-42)")
+@source_opt
+@secret_opt
+@insecure_opt
+@click.option("--no-stun", is_flag=True, help="Skip the snapshot create/remove that activates CBT")
+def cbt_enable(vm: str, source: str, secret: str | None, insecure: bool, no_stun: bool) -> None:
     with _open(source, secret, insecure) as src:
         changed = src.enable_cbt(vm, stun=not no_stun)
         state = src.cbt_status(vm)
     verb = "enabled" if changed else "already enabled"
-    out.print(f"CBT {verb} on {state['vm']} ({state['moref']})", highlight=False)
+    click.echo(f"CBT {verb} on {state['vm']} ({state['moref']})")
 
 
-@cbt_app.command("status")
-def cbt_status(
-    vm: Annotated[str, typer.Argument(help="VM name or moref (vm-42)")],
-    source: SourceOpt,
-    secret: SecretOpt = None,
-    insecure: InsecureOpt = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """Show whether CBT is on and each disk's current change id."""
+@cbt_app.command("status", help="Show whether CBT is on and each disk's current change id.")
+@click.argument("vm", help="VM name or moref (vm-42)")
+@source_opt
+@secret_opt
+@insecure_opt
+@json_opt
+def cbt_status(vm: str, source: str, secret: str | None, insecure: bool, as_json: bool) -> None:
     with _open(source, secret, insecure) as src:
         state = src.cbt_status(vm)
     if as_json:
-        out.print_json(json.dumps(state))
+        click.echo(json.dumps(state, indent=2, ensure_ascii=False))
         return
-    out.print(
-        f"{state['vm']} ({state['moref']}): CBT {'enabled' if state['enabled'] else 'disabled'}",
-        highlight=False,
+    click.echo(
+        f"{state['vm']} ({state['moref']}): CBT {'enabled' if state['enabled'] else 'disabled'}"
     )
     for disk, change_id in state["disks"].items():
-        out.print(f"  {disk}: change id {change_id or '-'}", highlight=False)
+        click.echo(f"  {disk}: change id {change_id or '-'}")
 
 
-def export_ovf(
-    vm: Annotated[str, typer.Argument(help="VM name or moref (must be powered off)")],
-    dest: Annotated[str, typer.Argument(help="Directory for the .ovf, disks and .mf")],
-    source: SourceOpt,
-    secret: SecretOpt = None,
-    insecure: InsecureOpt = False,
-) -> None:
-    """Export a powered-off vSphere VM as OVF through ExportVm (NFC lease kept alive)."""
+@click.command(
+    "export-ovf",
+    help="Export a powered-off vSphere VM as OVF through ExportVm (NFC lease kept alive).",
+)
+@click.argument("vm", help="VM name or moref (must be powered off)")
+@click.argument("dest", help="Directory for the .ovf, disks and .mf")
+@source_opt
+@secret_opt
+@insecure_opt
+def export_ovf(vm: str, dest: str, source: str, secret: str | None, insecure: bool) -> None:
     with _open(source, secret, insecure) as src:
         written = src.export_ovf(vm, dest)
-    out.print(f"OVF written: {written['ovf']}", highlight=False)
+    click.echo(f"OVF written: {written['ovf']}")
 
 
-def export_ova(
-    vm: Annotated[str, typer.Argument(help="VM name or moref (may be running)")],
-    dest: Annotated[str, typer.Argument(help="Output .ova file")],
-    source: SourceOpt,
-    secret: SecretOpt = None,
-    insecure: InsecureOpt = False,
-) -> None:
-    """Export a vSphere VM as one OVA file from a snapshot (streamOptimized VMDK disks)."""
+@click.command(
+    "export-ova",
+    help="Export a vSphere VM as one OVA file from a snapshot (streamOptimized VMDK disks).",
+)
+@click.argument("vm", help="VM name or moref (may be running)")
+@click.argument("dest", help="Output .ova file")
+@source_opt
+@secret_opt
+@insecure_opt
+def export_ova(vm: str, dest: str, source: str, secret: str | None, insecure: bool) -> None:
     with _open(source, secret, insecure) as src:
         written = src.export_ova(vm, dest)
-    out.print(f"OVA written: {written['ova']} ({written['size']} bytes)", highlight=False)
+    click.echo(f"OVA written: {written['ova']} ({written['size']} bytes)")
 
 
-def register(app: typer.Typer) -> None:
-    app.add_typer(cbt_app, name="cbt")
-    app.command("export-ovf")(export_ovf)
-    app.command("export-ova")(export_ova)
+def register(group: click.Group) -> None:
+    group.add_command(cbt_app)
+    group.add_command(export_ovf)
+    group.add_command(export_ova)
