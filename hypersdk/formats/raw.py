@@ -75,16 +75,37 @@ class RawDriver(FormatDriver):
         self, source: Readable, layout: Layout, out: Sink, progress: Progress | None = None
     ) -> None:
         pos = 0
-        for piece, data in read_pieces(source, layout.extents.split(IO_CHUNK)):
+        reads = _SparseReads(source)
+        for piece, data in read_pieces(reads, layout.extents.split(IO_CHUNK)):
             out.write_zeros(piece.offset - pos)
             pos = piece.offset
-            for ext in nonzero_extents(data, piece.offset, SPARSE_BLOCK):
+            for ext in reads.runs.pop(piece.offset):
                 out.write_zeros(ext.offset - pos)
                 out.write(data[ext.offset - piece.offset : ext.end - piece.offset])
                 pos = ext.end
             if progress:
                 progress(piece.length)
         out.write_zeros(layout.virtual_size - pos)
+
+
+class _SparseReads:
+    """Reads that also find their non-zero 4 KiB runs, on the reader thread: the writer's
+    thread only writes, and zero blocks inside data still become holes."""
+
+    def __init__(self, source: Readable):
+        self._source = source
+        self.size = source.size
+        self.runs: dict[int, list[Extent]] = {}
+
+    def readinto(self, offset: int, view: memoryview):
+        readinto = getattr(self._source, "readinto", None)
+        still_using = None
+        if readinto is None:
+            view[:] = self._source.read(offset, len(view))
+        else:
+            still_using = readinto(offset, view)
+        self.runs[offset] = list(nonzero_extents(view, offset, SPARSE_BLOCK))
+        return still_using
 
 
 DRIVER = RawDriver()
