@@ -87,10 +87,17 @@ class Row:
     h_rss: float
     q_mib: float  # allocated size of each output
     h_mib: float
+    q_start: float  # each tool's start-up: its convert of a 1 MiB image
+    h_start: float
 
     @property
     def ratio(self) -> float:
         return self.h_wall / self.q_wall
+
+    @property
+    def engine_ratio(self) -> float:
+        """The ratio with each tool's fixed start-up taken off: the conversion itself."""
+        return (self.h_wall - self.h_start) / max(self.q_wall - self.q_start, 1e-9)
 
     @property
     def target(self) -> float:
@@ -113,6 +120,42 @@ def verify(image: Path, out: Path, case: Case) -> None:
             f"error: our {case.label} output {out} differs from the source "
             f"(qemu-img compare exit {res.returncode}): {res.stdout}{res.stderr}".rstrip()
         )
+
+
+def start_up(work: Path, cache: str, runs: int) -> tuple[float, float]:
+    """Best wall time of each tool converting a 1 MiB image to qcow2: what a run costs before
+    it converts anything (for us: the interpreter, numpy, click and our modules)."""
+    tiny = work / "tiny.raw"
+    with open(tiny, "wb") as f:
+        f.write(os.urandom(1 << 20))
+    q_out, h_out = work / "tiny-q.qcow2", work / "tiny-h.qcow2"
+    (q, _, _), (h, _, _) = best_interleaved(
+        runs,
+        [
+            (
+                [
+                    "qemu-img",
+                    "convert",
+                    "-t",
+                    cache,
+                    "-f",
+                    "raw",
+                    "-O",
+                    "qcow2",
+                    str(tiny),
+                    str(q_out),
+                ],
+                [q_out],
+            ),
+            (
+                [hyperctl(), "convert", "-q", "-f", "raw", "-t", cache, str(tiny), str(h_out)],
+                [h_out],
+            ),
+        ],
+    )
+    for p in (tiny, q_out, h_out):
+        p.unlink(missing_ok=True)
+    return q, h
 
 
 def allocated_mib(path: Path) -> float:
@@ -151,6 +194,7 @@ def main() -> None:
     size = int(args.size_gib * GiB)
     try:
         image = realistic_image(work, size)
+        q_start, h_start = start_up(work, args.cache, max(5, args.runs))
         rows = []
         for case in cases:
             q_out, h_out = work / f"qemu.{case.ext}", work / f"ours.{case.ext}"
@@ -164,7 +208,17 @@ def main() -> None:
             )
             verify(image, h_out, case)
             rows.append(
-                Row(case, q_wall, h_wall, q_rss, h_rss, allocated_mib(q_out), allocated_mib(h_out))
+                Row(
+                    case,
+                    q_wall,
+                    h_wall,
+                    q_rss,
+                    h_rss,
+                    allocated_mib(q_out),
+                    allocated_mib(h_out),
+                    q_start,
+                    h_start,
+                )
             )
             q_out.unlink(missing_ok=True)
             h_out.unlink(missing_ok=True)
@@ -173,10 +227,11 @@ def main() -> None:
         print(
             f"\nimage: {size / GiB:.2f} GiB virtual, {data_mib:,.0f} MiB allocated (30% random, "
             f"20% text-like, 50% holes), warm cache; best of {args.runs} round-robin runs; "
-            f"output cache mode -t {args.cache} for both tools\n"
+            f"output cache mode -t {args.cache} for both tools; start-up (a 1 MiB convert): "
+            f"qemu-img {q_start:.3f} s, ours {h_start:.3f} s\n"
         )
         head = (
-            f"{'format':<26}{'qemu-img s':>11}{'ours s':>9}{'ratio':>7}{'ours RSS MiB':>14}"
+            f"{'format':<26}{'qemu-img s':>11}{'ours s':>9}{'ratio':>7}{'engine':>8}{'ours RSS MiB':>14}"
             f"{'qemu RSS':>10}{'out MiB q/ours':>17}{'target':>8}  result"
         )
         print(head)
@@ -187,12 +242,13 @@ def main() -> None:
             out_sizes = f"{r.q_mib:,.0f}/{r.h_mib:,.0f}"
             target = f"<={r.target:.2f}"
             print(
-                f"{r.case.label:<26}{r.q_wall:>11.2f}{r.h_wall:>9.2f}{r.ratio:>7.2f}"
+                f"{r.case.label:<26}{r.q_wall:>11.2f}{r.h_wall:>9.2f}{r.ratio:>7.2f}{r.engine_ratio:>8.2f}"
                 f"{r.h_rss:>14.0f}{r.q_rss:>10.0f}{out_sizes:>17}{target:>8}"
                 f"  {'PASS' if r.ok else 'MISS'}"
             )
         print(
-            f"\nratio = ours / qemu-img wall time; targets: <= {TARGET_PLAIN:.2f} uncompressed, "
+            f"\nratio = ours / qemu-img wall time; engine = the same with each tool's start-up "
+            f"taken off; targets (on ratio): <= {TARGET_PLAIN:.2f} uncompressed, "
             f"<= {TARGET_COMPRESSED:.2f} compressed; every output of ours verified with "
             f"qemu-img compare. {len(rows) - misses}/{len(rows)} PASS."
         )
