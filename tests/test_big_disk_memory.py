@@ -16,21 +16,26 @@ from tests import qemu
 TiB = 1024**4
 MiB = 1024**2
 
-CHILD = textwrap.dedent(
+# VmHWM: the child's own peak. ru_maxrss would start from the parent's at fork, and pytest's
+# process is large once Prefect flows have run in it.
+PEAK_RSS = textwrap.dedent(
+    """
+    def peak_rss_mib():
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmHWM in /proc/self/status")
+    """
+)
+
+CHILD = PEAK_RSS + textwrap.dedent(
     """
     import json, os, sys
     from hypersdk.atomic import atomic_file
     from hypersdk.pipeline import export_stream
     from providers import open_source
 
-    def peak_rss_mib():
-        # VmHWM: this process's own peak. ru_maxrss would start from the parent's at fork,
-        # and pytest's process is large once Prefect flows have run in it.
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        raise RuntimeError("no VmHWM in /proc/self/status")
 
     root, out_dir = sys.argv[1], sys.argv[2]
     src = open_source(root)
@@ -93,19 +98,13 @@ def test_four_tib_disk_full_and_incremental_in_bounded_memory(tmp_path, qemu_img
     qemu.compare(live, tmp_path / "delta.qcow2", "raw", "qcow2")
 
 
-FRAGMENTED_CHILD = textwrap.dedent(
+FRAGMENTED_CHILD = PEAK_RSS + textwrap.dedent(
     """
     import json, sys
     from hypersdk.extents import MAX_EXTENTS
     from hypersdk.formats import get_driver
     from providers import open_source
 
-    def peak_rss_mib():
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        raise RuntimeError("no VmHWM in /proc/self/status")
 
     root, stride = sys.argv[1], int(sys.argv[2])
     src = open_source(root)
