@@ -188,6 +188,25 @@ def test_reads_qemu_images(sources, tmp_path, sub, kind):
     qemu.compare(src, back, "raw", "raw")
 
 
+def test_descriptor_padded_after_a_nul_reads_like_qemu(sources, tmp_path):
+    """qemu-img 7.2 now and then pads a split image's descriptor to 512 bytes as
+    "...\\n\\0\\n\\0\\0..." (seen in CI-like runs). The text ends at the first NUL, as qemu
+    and VMware read it; anything but NULs and whitespace after it is still not a descriptor."""
+    src = sources["scattered"]
+    img = tmp_path / "q.vmdk"
+    qemu.convert(src, img, "raw", "vmdk", "-o", "subformat=twoGbMaxExtentSparse")
+    text = img.read_bytes().rstrip(b"\x00")
+    img.write_bytes((text + b"\x00\n").ljust(max(512, len(text) + 2), b"\x00"))
+    with FileRangeReader(img) as r:
+        assert probe(r).name == "vmdk"
+    back = tmp_path / "back.raw"
+    convert_file(img, back, "raw")
+    qemu.compare(src, back, "raw", "raw")
+    img.write_bytes(text + b"\x00\x01binary")
+    with pytest.raises(FormatError, match="not a VMDK"):
+        open_image(img, "vmdk")
+
+
 # ---------------------------------------------------------------------------------- property
 @settings(
     max_examples=20,

@@ -496,6 +496,14 @@ def _safe_extent_name(name: str, descriptor_name: str) -> str:
     return norm
 
 
+def descriptor_text(raw: bytes) -> bytes | None:
+    """The text of a descriptor file, or None if ``raw`` is not text. Like qemu and VMware, the
+    text ends at the first NUL, and only NULs and whitespace may follow: qemu-img 7.2 now and
+    then pads a descriptor to 512 bytes as "...\\n\\0\\n\\0\\0...", which it reads back fine."""
+    text, _, rest = raw.partition(b"\x00")
+    return None if rest.strip(b"\x00 \t\r\n") else text
+
+
 def open_vmdk(reader: RangeReader, opener: Opener | None = None) -> VmdkImage:
     """Open a sparse VMDK or a text descriptor; ``opener`` resolves extent file names."""
     name = reader.name
@@ -511,10 +519,10 @@ def open_vmdk(reader: RangeReader, opener: Opener | None = None) -> VmdkImage:
         return VmdkImage(reader, [_Part(0, sp.capacity, "SPARSE", sp)], desc, [])
     if reader.size > L.MAX_DESCRIPTOR_BYTES:
         raise FormatError(name, "neither a sparse VMDK nor a descriptor (too big for text)")
-    raw = reader.read(0, reader.size)
-    if b"\x00" in raw.rstrip(b"\x00"):
+    text = descriptor_text(reader.read(0, reader.size))
+    if text is None:
         raise FormatError(name, "not a VMDK: no sparse magic and not a text descriptor")
-    desc = _decode_descriptor(raw.rstrip(b"\x00"), name)
+    desc = _decode_descriptor(text, name)
     ct = desc.create_type
     if not ct:
         raise FormatError(name, "VMDK descriptor has no createType")
@@ -642,7 +650,7 @@ class VmdkDriver(FormatDriver):
             return True
         text = head[:1024]
         return text.startswith(b"# Disk DescriptorFile") or (
-            b"createType=" in text and b"\x00" not in text.rstrip(b"\x00")
+            b"createType=" in text and descriptor_text(text) is not None
         )
 
     def open(self, reader: RangeReader, opener: Opener | None = None) -> DiskImage:
