@@ -68,6 +68,18 @@ CHILD = PEAK_RSS + textwrap.dedent(
 )
 
 
+def _run_child(script: str, *args: object, timeout: int) -> dict:
+    """Run ``script`` in a fresh interpreter (its own peak RSS) and return its JSON report."""
+    res = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout)
+
+
 @pytest.mark.timeout(600)
 def test_four_tib_disk_full_and_incremental_in_bounded_memory(tmp_path, qemu_img):
     from providers.sources.local import create_vm
@@ -83,14 +95,7 @@ def test_four_tib_disk_full_and_incremental_in_bounded_memory(tmp_path, qemu_img
         for i in range(64):
             f.seek(i * (size // 64) + 4096 * i)
             f.write(bytes([i + 1]) * (256 * 1024))
-    res = subprocess.run(
-        [sys.executable, "-c", CHILD, str(vm_root), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=540,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    report = json.loads(res.stdout)
+    report = _run_child(CHILD, vm_root, tmp_path, timeout=540)
     assert not report["full_incremental"] and report["delta_incremental"]
     assert report["delta_bytes"] <= 2 * MiB  # only the changed block(s) moved
     # measured in the child itself (VmHWM), whatever ran before in pytest
@@ -141,14 +146,7 @@ def test_fragmented_disk_is_planned_in_bounded_memory(tmp_path):
             os.pwrite(fd, b"\x01", off)
     finally:
         os.close(fd)
-    res = subprocess.run(
-        [sys.executable, "-c", FRAGMENTED_CHILD, str(vm_root), str(stride)],
-        capture_output=True,
-        text=True,
-        timeout=280,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    report = json.loads(res.stdout)
+    report = _run_child(FRAGMENTED_CHILD, vm_root, stride, timeout=280)
     assert report["missed"] == 0 and report["tracker"]
     assert report["extents"] <= report["limit"] < size // stride
     assert size // stride * 65536 <= report["data"] < size  # bridged, yet not the whole disk
