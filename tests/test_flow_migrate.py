@@ -238,6 +238,38 @@ def test_encrypted_export_decrypts_to_the_disk(prefect_api, vm_root, tmp_path, q
         )
 
 
+def test_encryption_key_from_a_prefect_secret_block(prefect_api, vm_root, tmp_path, qemu_img):
+    """encryption={secret-block}: the passphrase (or a raw key) lives in a Prefect Secret block;
+    neither appears in the run's result or manifest, the export decrypts with the same spec, and
+    a missing or empty block is a CredentialsError naming it."""
+    from prefect.blocks.system import Secret
+
+    from flows.migrate import migrate_vm
+    from hypersdk.crypto import decrypt_file
+    from hypersdk.crypto.keys import KeySpec
+    from hypersdk.errors import CredentialsError
+
+    passphrase = "correct horse battery staple 42"
+    Secret(value=passphrase).save("hs-export-pass", overwrite=True)
+    spec = {"method": "secret-block", "ref": "hs-export-pass"}
+    target = tmp_path / "enc"
+    r = migrate_vm(source=str(vm_root), vm="app01", target=str(target), encryption=spec)
+    assert r.encrypted and r.verified
+    manifest_bytes = (target / f"app01/{r.export_id}/manifest.json").read_bytes()
+    assert passphrase.encode() not in manifest_bytes and passphrase not in repr(r)
+    plain = tmp_path / "plain.qcow2"
+    decrypt_file(target / r.disks[0].key, plain, KeySpec.model_validate(spec))
+    qemu.compare(vm_root / "app01/disk0.img", plain, "raw", "qcow2")
+
+    Secret(value="00" * 32).save("hs-export-key", overwrite=True)  # a raw 256-bit key, in hex
+    assert KeySpec(method="secret-block", ref="hs-export-key", raw_key=True).resolve()
+    with pytest.raises(CredentialsError, match="Secret block 'hs-no-such-block'"):
+        KeySpec(method="secret-block", ref="hs-no-such-block").resolve()
+    Secret(value=" ").save("hs-empty", overwrite=True)
+    with pytest.raises(CredentialsError, match="empty"):
+        KeySpec(method="secret-block", ref="hs-empty").resolve()
+
+
 def test_encrypted_export_to_s3(prefect_api, moto_s3, vm_root, tmp_path, monkeypatch, qemu_img):
     """The same flow streams an encrypted qcow2 into an S3 multipart upload (moto server)."""
     from flows.migrate import migrate_vm
