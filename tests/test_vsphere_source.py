@@ -98,6 +98,34 @@ def test_session_pool_reused_and_revived(vcsim):
     assert not sess.alive()
 
 
+def test_session_expired_mid_export_logs_in_again(vcsim):
+    """vCenter drops a session left idle while a long download runs on the data path: the
+    export reads on, and the SOAP calls after it (inventory, snapshot removal) log in again
+    instead of failing and leaving the snapshot behind."""
+    vm = "DC0_H0_VM0"
+    reconfigure(vcsim, vm, disk_size=8 * MiB)
+    data = bytes(range(256)) * (6 * MiB // 256)
+    vcsim.flat_file(vm).write_bytes(data)
+    connection.logout_all()
+    with open_source(vcsim.source_url(), **vcsim.options(workers=2)) as src:
+        with src.snapshot(vm) as snap:
+            disk = snap.disks[0].disk
+            reader = src.open_disk(snap, disk)
+            try:
+                assert reader.read(0, MiB) == data[:MiB]
+                expired = src.session
+                expired.content.sessionManager.Logout()  # the server drops it mid-export
+                assert reader.read(MiB, 2 * MiB) == data[MiB : 3 * MiB]
+            finally:
+                reader.close()
+            assert len(src.list_vms()) == 4  # a SOAP call after the expiry
+            assert src.session is not expired and src.session.alive()
+            expired = src.session
+            expired.content.sessionManager.Logout()  # and once more before the cleanup
+        assert snapshot_names(vcsim, vm) == []  # removed on a fresh login
+        assert src.session is not expired
+
+
 # -- inventory -----------------------------------------------------------------------------------
 def test_list_vms(src):
     vms = src.list_vms()

@@ -48,6 +48,8 @@ def enable(vm_ref, stun: bool = True) -> bool:
                 "CBT stun cycle",
             )
             wait_task(ref.RemoveSnapshot_Task(removeChildren=False, consolidate=True), "remove")
+    except vim.fault.NotAuthenticated:
+        raise  # the source logs in again and retries
     except vmodl.MethodFault as exc:
         raise SourceError(f"cannot enable CBT on VM {vm_ref._moId}: {fault_message(exc)}") from None
     return not was_on

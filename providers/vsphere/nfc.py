@@ -96,6 +96,8 @@ def export_ovf(
             f"VM {name!r} is {state}: ExportVm (OVF) needs it powered off; "
             "export a running VM through a snapshot instead (hyperctl migrate)"
         ) from None
+    except vim.fault.NotAuthenticated:
+        raise  # the source logs in again and retries
     except vmodl.MethodFault as exc:
         raise SourceError(f"ExportVm of {name!r} failed: {fault_message(exc)}") from None
     done = [0]

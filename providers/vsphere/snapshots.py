@@ -27,7 +27,7 @@ def _find_by_name(tree, name: str):
 
 def create(session, vm_ref, info: VMInfo, purpose: str = "export") -> Snapshot:
     """Take a snapshot; its disks (with their CBT change ids) come from the snapshot's config."""
-    from pyVmomi import vmodl
+    from pyVmomi import vim, vmodl
 
     snap_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
     name = PREFIX + snap_id
@@ -39,7 +39,7 @@ def create(session, vm_ref, info: VMInfo, purpose: str = "export") -> Snapshot:
             ref = wait_task(vm_ref.CreateSnapshot_Task(name, desc, False, quiesce), name)
             consistency = "quiesced" if quiesce else "crash-consistent"
         except vmodl.MethodFault as exc:
-            if not quiesce:
+            if not quiesce or isinstance(exc, vim.fault.NotAuthenticated):
                 raise
             log.warning(
                 "quiesced snapshot of %s failed (%s): crash-consistent instead",
@@ -49,6 +49,8 @@ def create(session, vm_ref, info: VMInfo, purpose: str = "export") -> Snapshot:
             _remove_named(vm_ref, name)
             ref = wait_task(vm_ref.CreateSnapshot_Task(name, desc, False, False), name)
             consistency = "crash-consistent"
+    except vim.fault.NotAuthenticated:
+        raise  # the session expired: the source logs in again and retries
     except vmodl.MethodFault as exc:
         _remove_named(vm_ref, name)  # a task that failed late may still have left it behind
         raise SnapshotError(f"cannot snapshot VM {info.name!r}: {fault_message(exc)}") from None
@@ -106,6 +108,8 @@ def remove(session, snap: Snapshot) -> None:
             remove_ref(vim.vm.Snapshot(data["snapshot"], stub))
         elif data.get("vm") and data.get("name"):
             _remove_named(vim.VirtualMachine(data["vm"], stub), data["name"])
+    except vim.fault.NotAuthenticated:
+        raise  # the session expired during a long export: the source logs in again and retries
     except vmodl.MethodFault as exc:
         raise SnapshotError(
             f"cannot remove snapshot {data.get('name')} of VM {snap.vm.name!r}: "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import http.client
+import logging
 from urllib.parse import unquote, urlsplit
 
 from pydantic import SecretStr
@@ -46,30 +47,43 @@ from providers.vsphere.inventory import Inventory
 _PLANNED: dict[tuple[str, str, str], object] = {}
 _PLANNED_MAX = 64
 
+log = logging.getLogger(__name__)
+
 _OPTIONS = {"user", "password", "secret", "insecure", "ca_file", "workers", "attempts", "pooled"}
 
 
 def _mapped(method):
-    """Typed errors for failures below the provider: a dropped connection, an expired session."""
+    """Typed errors for failures below the provider: a dropped connection, an expired session.
+
+    An expired session (vCenter drops idle ones, e.g. while a long download only uses the data
+    path) is not an error: the call runs once more on a fresh login. That is what lets an export
+    of many hours still remove its snapshot at the end. vSphere checks the session before it
+    acts, so the refused call did nothing and is safe to repeat."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         from pyVmomi import vim, vmodl
 
-        try:
-            return method(self, *args, **kwargs)
-        except HyperSDKError:
-            raise
-        except (OSError, http.client.HTTPException) as exc:
-            self._session = None  # the next call checks the pooled session again
-            raise EndpointUnreachableError(
-                f"lost the connection to vSphere at {self.url}: {exc or type(exc).__name__}"
-            ) from None
-        except vim.fault.NotAuthenticated:
-            self._session = None
-            raise CredentialsError(f"vSphere session at {self.url} is no longer valid") from None
-        except vmodl.MethodFault as exc:
-            raise SourceError(f"vSphere at {self.url}: {fault_message(exc)}") from None
+        for attempt in (1, 2):
+            try:
+                return method(self, *args, **kwargs)
+            except HyperSDKError:
+                raise
+            except (OSError, http.client.HTTPException) as exc:
+                self._session = None  # the next call checks the pooled session again
+                raise EndpointUnreachableError(
+                    f"lost the connection to vSphere at {self.url}: {exc or type(exc).__name__}"
+                ) from None
+            except vim.fault.NotAuthenticated:
+                self._session = None  # the next access logs in again (a dead pooled one too)
+                if attempt == 2:
+                    raise CredentialsError(
+                        f"vSphere at {self.url} refused a fresh session too: NotAuthenticated"
+                    ) from None
+                log.info("vSphere session at %s expired: logging in again", self.url)
+            except vmodl.MethodFault as exc:
+                raise SourceError(f"vSphere at {self.url}: {fault_message(exc)}") from None
+        raise AssertionError("unreachable")
 
     return wrapper
 
