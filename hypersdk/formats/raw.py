@@ -74,18 +74,27 @@ class RawDriver(FormatDriver):
     def write(
         self, source: Readable, layout: Layout, out: Sink, progress: Progress | None = None
     ) -> None:
-        pos = 0
-        reads = _SparseReads(source)
-        for piece, data in read_pieces(reads, layout.extents.split(IO_CHUNK)):
-            out.write_zeros(piece.offset - pos)
-            pos = piece.offset
-            for ext in reads.runs.pop(piece.offset):
-                out.write_zeros(ext.offset - pos)
-                out.write(data[ext.offset - piece.offset : ext.end - piece.offset])
-                pos = ext.end
-            if progress:
-                progress(piece.length)
-        out.write_zeros(layout.virtual_size - pos)
+        write_sparse(source, layout.extents, layout.virtual_size, out, progress)
+
+
+def write_sparse(
+    source: Readable, data: ExtentMap, length: int, out: Sink, progress: Progress | None = None
+) -> None:
+    """``length`` bytes of ``source`` as they are, in order: the ``data`` extents, with every
+    zero 4 KiB block in them and everything outside them written as zeros (holes on a local
+    file). Raw images and VMDK flat extents are this."""
+    pos = 0
+    reads = _SparseReads(source)
+    for piece, chunk in read_pieces(reads, data.split(IO_CHUNK)):
+        out.write_zeros(piece.offset - pos)
+        pos = piece.offset
+        for ext in reads.runs.pop(piece.offset):
+            out.write_zeros(ext.offset - pos)
+            out.write(chunk[ext.offset - piece.offset : ext.end - piece.offset])
+            pos = ext.end
+        if progress:
+            progress(piece.length)
+    out.write_zeros(length - pos)
 
 
 class _SparseReads:

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hypersdk.blockmap import nonzero_extents
 from hypersdk.errors import (
     FormatError,
     HyperSDKError,
@@ -47,6 +46,7 @@ from hypersdk.extents import Extent, ExtentCollector, ExtentMap
 from hypersdk.formats import _vmdk_layout as L
 from hypersdk.formats._deflate import deflate, worth_deflating
 from hypersdk.formats.base import DiskImage, FormatDriver, Layout, Progress, Readable
+from hypersdk.formats.raw import write_sparse
 from hypersdk.io import IO_CHUNK, FileRangeReader, RangeReader, Sink, read_ahead, read_pieces
 
 SECTOR = L.SECTOR
@@ -852,19 +852,8 @@ def _write_sparse(source: Readable, lo: VmdkLayout, out: Sink, progress: Progres
 
 # -- monolithicFlat
 def _write_flat(source: Readable, lo: VmdkLayout, out: Sink, progress: Progress | None) -> None:
-    pos = 0
-    for piece, data in read_pieces(
-        source, ExtentMap(lo.virtual_size, lo.extents.data()).split(IO_CHUNK)
-    ):
-        out.write_zeros(piece.offset - pos)
-        pos = piece.offset
-        for ext in nonzero_extents(data, piece.offset, 4096):
-            out.write_zeros(ext.offset - pos)
-            out.write(data[ext.offset - piece.offset : ext.end - piece.offset])
-            pos = ext.end
-        if progress:
-            progress(piece.length)
-    out.write_zeros(lo.capacity_sectors * SECTOR - pos)
+    data = ExtentMap(lo.virtual_size, lo.extents.data())
+    write_sparse(source, data, lo.capacity_sectors * SECTOR, out, progress)
 
 
 # -- streamOptimized
