@@ -202,13 +202,21 @@ class ChunkHasher:
         return list(self.chunks)
 
 
-def _sub_pieces(pieces, index: _DataIndex):
-    """IO-sized reads of the chunks that touch data (bounded buffers whatever the chunk size)."""
+def _io_pieces(spans):
+    """``spans`` (ascending extents) cut into IO-sized reads: bounded buffers whatever the chunk."""
     from hypersdk.io import IO_CHUNK
 
-    for piece in pieces:
-        if index.touches(piece.offset, piece.end):
-            yield from ExtentMap(piece.end, [piece]).split(IO_CHUNK)
+    for span in spans:
+        yield from ExtentMap(span.end, [span]).split(IO_CHUNK)
+
+
+def _take(reads, length: int):
+    """The next views of ``reads`` that together cover ``length`` bytes."""
+    got = 0
+    while got < length:
+        _, view = next(reads)
+        got += len(view)
+        yield view
 
 
 def hash_chunks(
@@ -219,42 +227,45 @@ def hash_chunks(
     from hypersdk.io import read_pieces
 
     index = _DataIndex(data if data is not None else defined)
-    reads = read_pieces(source, _sub_pieces(defined.split(chunk), index), threads=2)
+    touched = (p for p in defined.split(chunk) if index.touches(p.offset, p.end))
+    reads = read_pieces(source, _io_pieces(touched), threads=2)
     out = _Chunks()
     for piece in defined.split(chunk):
         if not index.touches(piece.offset, piece.end):
             out.add(piece.offset, piece.length, ZERO)
             continue
         h = blake3.blake3()
-        got = 0
-        while got < piece.length:
-            _, view = next(reads)
+        for view in _take(reads, piece.length):
             h.update(view)
-            got += len(view)
         out.add(piece.offset, piece.length, h.hexdigest())
     return list(out)
 
 
 def check_chunks(source, chunks: list[tuple[int, int, str]], data: ExtentMap) -> list[int]:
     """Offsets of the ``chunks`` entries ``source`` does not match. A ZERO entry is checked by
-    reading only where ``source`` may hold data (its extents), so a big empty disk costs little."""
+    reading only where ``source`` may hold data (its extents), so a big empty disk costs little.
+    All entries are read as one stream (one reader ring for the whole disk)."""
     from hypersdk.blockmap import is_zero
-    from hypersdk.io import IO_CHUNK, read_pieces
+    from hypersdk.io import read_pieces
 
     index = _DataIndex(data)
+
+    def spans(offset: int, length: int, digest: str) -> list[Extent]:
+        end = offset + length
+        return index.within(offset, end) if digest == ZERO else [Extent(offset, length)]
+
+    wanted = (span for entry in chunks for span in spans(*entry))
+    reads = read_pieces(source, _io_pieces(wanted), threads=2)
     bad = []
     for offset, length, digest in chunks:
-        end = offset + length
+        views = _take(reads, sum(e.length for e in spans(offset, length, digest)))
         if digest == ZERO:
-            reads = ExtentMap(end, index.within(offset, end)).split(IO_CHUNK)
-            if not all(is_zero(v) for _, v in read_pieces(source, reads)):
-                bad.append(offset)
-            continue
-        h = blake3.blake3()
-        for _, view in read_pieces(
-            source, ExtentMap(end, [Extent(offset, length)]).split(IO_CHUNK), threads=2
-        ):
-            h.update(view)
-        if h.hexdigest() != digest:
+            ok = all([is_zero(v) for v in views])  # a list: consume every view even after a miss
+        else:
+            h = blake3.blake3()
+            for view in views:
+                h.update(view)
+            ok = h.hexdigest() == digest
+        if not ok:
             bad.append(offset)
     return bad
