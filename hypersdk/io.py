@@ -172,10 +172,15 @@ class StreamSink:
         return self._pos
 
 
+def disk_full(exc: OSError) -> bool:
+    """A write failed for want of room: no space, a quota, or a file-size limit."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def target_error(name: str, exc: OSError, doing: str | None = None) -> TargetError:
     """A failed write to a local target as a typed error: a full disk (or quota, or file-size
     limit) is TargetFullError, so callers can tell "make room" from "something broke"."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    if disk_full(exc):
         return TargetFullError(f"{name}: no space left on target ({exc.strerror})")
     if doing:
         return TargetError(f"{name}: {doing} failed: {exc.strerror}")

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import errno
 import os
 import tempfile
 import threading
@@ -69,7 +68,7 @@ from hypersdk.extents import Extent, ExtentCollector, ExtentMap
 from hypersdk.formats import _qcow2_layout as L
 from hypersdk.formats._deflate import deflate, worth_deflating
 from hypersdk.formats.base import DiskImage, FormatDriver, Layout, Progress, Readable
-from hypersdk.io import IO_CHUNK, RangeReader, Sink, read_ahead, read_pieces
+from hypersdk.io import IO_CHUNK, RangeReader, Sink, disk_full, read_ahead, read_pieces
 
 DEFAULT_CLUSTER = 64 * 1024
 REFCOUNT_ORDER = 4  # 16-bit refcounts, what qemu writes
@@ -601,7 +600,7 @@ class _Spool:
 
 def _spool_error(exc: OSError) -> TargetError:
     where = tempfile.gettempdir()
-    cls = TargetFullError if exc.errno in (errno.ENOSPC, errno.EDQUOT) else TargetError
+    cls = TargetFullError if disk_full(exc) else TargetError
     return cls(
         f"qcow2 compression needs temporary space for the compressed clusters in {where} "
         f"(set TMPDIR elsewhere): {exc.strerror or exc}"
