@@ -227,10 +227,10 @@ class LocalSource(Source):
         return self._cbt_dir(snap, disk) / f"{change_id}.bmap"
 
     def _save_map(self, snap: Snapshot, disk: DiskInfo, bmap: BlockMap, keep: set) -> None:
-        cbt_dir = self._cbt_dir(snap, disk)
-        cbt_dir.mkdir(parents=True, exist_ok=True)
-        bmap.save(cbt_dir / f"{snap.id}.bmap")
-        self._prune(cbt_dir, keep=keep | {snap.id})
+        path = self._map_path(snap, disk, snap.id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        bmap.save(path)
+        self._prune(path.parent, keep=keep | {snap.id})
 
     def _scan_map(self, snap: Snapshot, disk: DiskInfo) -> BlockMap:
         image = self.open_disk(snap, disk)
