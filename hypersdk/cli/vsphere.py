@@ -8,6 +8,7 @@ GOVC_PASSWORD, GOVC_INSECURE) or ``--secret BLOCK`` (a Prefect Secret block); ne
 
 from __future__ import annotations
 
+import functools
 import json
 
 import click
@@ -16,14 +17,24 @@ from hypersdk.cli.common import Group
 
 cbt_app = Group("cbt", help="Changed Block Tracking on vSphere VMs.", no_args_is_help=True)
 
-source_opt = click.option(
-    "--source", "-s", required=True, help="vsphere://host[:port][/Datacenter/vm/path]"
-)
-secret_opt = click.option("--secret", help="Prefect Secret block holding the login")
-insecure_opt = click.option(
-    "--insecure", is_flag=True, help="Skip TLS certificate verification (like GOVC_INSECURE=1)"
-)
 json_opt = click.option("--json", "as_json", is_flag=True, help="Machine-readable output")
+
+
+def vsphere_source(command):
+    """The connection options every vSphere command takes (--source, --secret, --insecure),
+    handed to ``command`` as one ``connect()`` that opens the source."""
+
+    @functools.wraps(command)
+    def run(source: str, secret: str | None, insecure: bool, **kwargs):
+        return command(lambda: _open(source, secret, insecure), **kwargs)
+
+    run = click.option(
+        "--insecure", is_flag=True, help="Skip TLS certificate verification (like GOVC_INSECURE=1)"
+    )(run)
+    run = click.option("--secret", help="Prefect Secret block holding the login")(run)
+    return click.option(
+        "--source", "-s", required=True, help="vsphere://host[:port][/Datacenter/vm/path]"
+    )(run)
 
 
 def _open(source: str, secret: str | None, insecure: bool):
@@ -31,7 +42,7 @@ def _open(source: str, secret: str | None, insecure: bool):
     from providers import open_source
 
     if not source.startswith("vsphere://"):
-        raise InvalidParameterError(f"CBT commands need a vsphere:// source, not {source!r}")
+        raise InvalidParameterError(f"vSphere commands need a vsphere:// source, not {source!r}")
     options: dict = {"secret": secret} if secret else {}
     if insecure:
         options["insecure"] = True
@@ -43,12 +54,10 @@ def _open(source: str, secret: str | None, insecure: bool):
     help="Enable CBT (ReconfigVM) and activate it with a snapshot create/remove (stun/unstun).",
 )
 @click.argument("vm", help="VM name or moref (vm-42)")
-@source_opt
-@secret_opt
-@insecure_opt
+@vsphere_source
 @click.option("--no-stun", is_flag=True, help="Skip the snapshot create/remove that activates CBT")
-def cbt_enable(vm: str, source: str, secret: str | None, insecure: bool, no_stun: bool) -> None:
-    with _open(source, secret, insecure) as src:
+def cbt_enable(connect, vm: str, no_stun: bool) -> None:
+    with connect() as src:
         changed = src.enable_cbt(vm, stun=not no_stun)
         state = src.cbt_status(vm)
     verb = "enabled" if changed else "already enabled"
@@ -57,12 +66,10 @@ def cbt_enable(vm: str, source: str, secret: str | None, insecure: bool, no_stun
 
 @cbt_app.command("status", help="Show whether CBT is on and each disk's current change id.")
 @click.argument("vm", help="VM name or moref (vm-42)")
-@source_opt
-@secret_opt
-@insecure_opt
+@vsphere_source
 @json_opt
-def cbt_status(vm: str, source: str, secret: str | None, insecure: bool, as_json: bool) -> None:
-    with _open(source, secret, insecure) as src:
+def cbt_status(connect, vm: str, as_json: bool) -> None:
+    with connect() as src:
         state = src.cbt_status(vm)
     if as_json:
         click.echo(json.dumps(state, indent=2, ensure_ascii=False))
@@ -80,11 +87,9 @@ def cbt_status(vm: str, source: str, secret: str | None, insecure: bool, as_json
 )
 @click.argument("vm", help="VM name or moref (must be powered off)")
 @click.argument("dest", help="Directory for the .ovf, disks and .mf")
-@source_opt
-@secret_opt
-@insecure_opt
-def export_ovf(vm: str, dest: str, source: str, secret: str | None, insecure: bool) -> None:
-    with _open(source, secret, insecure) as src:
+@vsphere_source
+def export_ovf(connect, vm: str, dest: str) -> None:
+    with connect() as src:
         written = src.export_ovf(vm, dest)
     click.echo(f"OVF written: {written['ovf']}")
 
@@ -95,11 +100,9 @@ def export_ovf(vm: str, dest: str, source: str, secret: str | None, insecure: bo
 )
 @click.argument("vm", help="VM name or moref (may be running)")
 @click.argument("dest", help="Output .ova file")
-@source_opt
-@secret_opt
-@insecure_opt
-def export_ova(vm: str, dest: str, source: str, secret: str | None, insecure: bool) -> None:
-    with _open(source, secret, insecure) as src:
+@vsphere_source
+def export_ova(connect, vm: str, dest: str) -> None:
+    with connect() as src:
         written = src.export_ova(vm, dest)
     click.echo(f"OVA written: {written['ova']} ({written['size']} bytes)")
 
