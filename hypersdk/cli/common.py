@@ -25,6 +25,31 @@ class Group(click.Group):
 Group.group_class = Group
 
 
+def key_reference(
+    key_file: str | None,
+    passphrase_file: str | None,
+    passphrase_env: str | None,
+    gpg_recipient: str | None,
+) -> dict[str, str] | None:
+    """Where the key is (``method``/``ref`` of a KeySpec), never the key itself; None if no key
+    option was given. ``gpg_recipient=""`` means GPG with the default key (decrypt --gpg)."""
+    given = [x for x in (key_file, passphrase_file, passphrase_env, gpg_recipient) if x]
+    if len(given) > 1:
+        raise InvalidParameterError(
+            "give only one of --key-file, --passphrase-file, --passphrase-env, --gpg-recipient"
+        )
+    for method, ref in (
+        ("keyfile", key_file),
+        ("passphrase", passphrase_file),
+        ("env", passphrase_env),
+    ):
+        if ref:
+            return {"method": method, "ref": ref}
+    if gpg_recipient is not None:
+        return {"method": "gpg", "ref": gpg_recipient}
+    return None
+
+
 def parse_options(pairs: Iterable[str] | None) -> dict[str, str]:
     """``-o key=value`` pairs into a dict, with a clear error for a malformed one."""
     out: dict[str, str] = {}

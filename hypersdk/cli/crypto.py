@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from hypersdk.cli.common import byte_counter, progress_bar
+from hypersdk.cli.common import byte_counter, key_reference, progress_bar
 from hypersdk.errors import CredentialsError, InvalidParameterError
 
 key_file_opt = click.option("--key-file", help="File holding a 32-byte key")
@@ -30,20 +30,9 @@ def _key(
     from hypersdk.crypto import KeySpec
     from hypersdk.crypto.keys import KeyMaterial
 
-    given = [x for x in (key_file, passphrase_file, passphrase_env, gpg_recipient) if x]
-    if len(given) > 1:
-        raise InvalidParameterError(
-            "give only one of --key-file, --passphrase-file, --passphrase-env, --gpg-recipient"
-        )
-    common = {"kdf": kdf, "chunk_size": chunk_size, "gnupghome": gnupghome}
-    if key_file:
-        return KeySpec(method="keyfile", ref=key_file, **common)
-    if passphrase_file:
-        return KeySpec(method="passphrase", ref=passphrase_file, **common)
-    if passphrase_env:
-        return KeySpec(method="env", ref=passphrase_env, **common)
-    if gpg_recipient is not None:
-        return KeySpec(method="gpg", ref=gpg_recipient, **common)
+    ref = key_reference(key_file, passphrase_file, passphrase_env, gpg_recipient)
+    if ref is not None:
+        return KeySpec(**ref, kdf=kdf, chunk_size=chunk_size, gnupghome=gnupghome)
     if not sys.stdin.isatty():
         raise CredentialsError(
             "no key given: use --key-file, --passphrase-file, --passphrase-env or a terminal prompt"

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from hypersdk.cli.common import Group, parse_options, progress_bar
+from hypersdk.cli.common import Group, key_reference, parse_options, progress_bar
 
 if TYPE_CHECKING:  # pydantic-backed modules load when a command runs, not at CLI start-up
     from hypersdk.summary import MigrationResult
@@ -33,22 +33,7 @@ def encryption_ref(
     gpg_recipient: str | None,
 ) -> dict[str, Any] | None:
     """A key *reference* for the flow parameters: where the key is, never the key itself."""
-    from hypersdk.errors import InvalidParameterError
-
-    given = [x for x in (key_file, passphrase_file, passphrase_env, gpg_recipient) if x]
-    if len(given) > 1:
-        raise InvalidParameterError(
-            "choose one of --key-file, --passphrase-file, --passphrase-env, --gpg-recipient"
-        )
-    if key_file:
-        return {"method": "keyfile", "ref": key_file}
-    if passphrase_file:
-        return {"method": "passphrase", "ref": passphrase_file}
-    if passphrase_env:
-        return {"method": "env", "ref": passphrase_env}
-    if gpg_recipient:
-        return {"method": "gpg", "ref": gpg_recipient}
-    return None
+    return key_reference(key_file, passphrase_file, passphrase_env, gpg_recipient or None)
 
 
 @contextlib.contextmanager
