@@ -7,7 +7,7 @@ PYTHON  ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test lint format bench server deploy worker
+.PHONY: run test lint format bench server stop deploy worker
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: Python 3.11+ is required (python3.11 or newer on PATH)"; exit 1; }
@@ -34,9 +34,14 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.pipeline
 
 # Prefect server, deployments and a worker (see README "Prefect UI and deployments").
+# `make run` starts a local server in the background on first use (docs/prefect-local.md);
+# `make stop` stops that one (never a server hyperctl did not start, such as `make server`'s).
 PREFECT_API_URL ?= http://127.0.0.1:4200/api
 server: $(STAMP)
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
+
+stop: $(STAMP)
+	$(VENV)/bin/hyperctl server stop
 
 deploy: $(STAMP)
 	PREFECT_API_URL=$(PREFECT_API_URL) $(PY) -m deployments.bootstrap

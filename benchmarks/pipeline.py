@@ -78,9 +78,7 @@ def pipeline_child(vm_root: str, target: str) -> None:
                 "virtual": res.virtual_size,
                 "data": res.data_bytes,
                 "object": res.object_size,
-                "stages": {
-                    k: {"bytes": v.bytes, "seconds": v.seconds} for k, v in res.stages.items()
-                },
+                "stages": {k: v.as_dict() for k, v in res.stages.items()},
             }
         )
     )

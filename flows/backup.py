@@ -1,37 +1,41 @@
-"""backup_vm: the scheduled (nightly) backup: incremental into a backup target, with a full export
-forced every ``full_every`` deltas so restore chains stay short."""
+"""backup_vm: the scheduled (nightly) backup: incremental into a backup target, with a full
+export forced every ``full_every`` deltas so restore chains stay short."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from prefect import flow
-
-from flows.export import run_export
-from hypersdk.requests import validate_request
+from flows.export import export_flow, request_from, run_export
+from flows.params import (
+    PARAMETER_DOCS,
+    EncryptionRef,
+    FormatName,
+    FullEvery,
+    SourceUrl,
+    TargetUrl,
+    VmName,
+)
 from hypersdk.summary import MigrationResult
 
+DOC = (
+    """Incremental backup of one VM (what the nightly deployment runs).
 
-@flow(name="backup-vm", log_prints=True, validate_parameters=True)
+    Args:"""
+    + PARAMETER_DOCS
+    + """        full_every: Force a full export after this many deltas in a row.
+"""
+)
+
+
+@export_flow("backup-vm", DOC)
 def backup_vm(
-    vm: str | None = None,
-    source: str | None = None,
-    target: str | None = None,
-    format: str = "qcow2",
-    full_every: int = 7,
-    encryption: dict[str, Any] | None = None,
+    vm: VmName,
+    source: SourceUrl = None,
+    target: TargetUrl = None,
+    format: FormatName = "qcow2",
+    full_every: FullEvery = 7,
+    encryption: EncryptionRef = None,
     verify: bool = True,
 ) -> MigrationResult:
-    req = validate_request(
-        source=source,
-        target=target,
-        vm=vm,
-        format=format,
-        incremental=True,
-        full_every=full_every,
-        encryption=encryption,
-        verify=verify,
-    )
+    req = request_from("backup-vm", locals())
     result = run_export(req)
     print(f"{result.kind} backup of {result.vm}: {result.manifest}")
     return result

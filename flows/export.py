@@ -1,50 +1,112 @@
-"""The export pipeline shared by migrate_vm and backup_vm: snapshot -> CBT diff -> download ->
-convert -> encrypt -> upload -> manifest -> verify, with the snapshot always removed."""
+"""The export pipeline shared by migrate_vm and backup_vm, as the flow graph shows it:
+
+    preflight -> find-previous-export -> snapshot -> per disk: cbt-diff, then the stream's
+    stages download, convert, (encrypt), upload, all at once -> publish-manifest ->
+    remove-snapshot -> verify-export
+
+Disks are exported concurrently (bounded). The snapshot is always removed. Every step logs what
+it did (which snapshot, which base and why, what was planned, each stage's throughput, what was
+verified and cleaned up), so a run reads as a story in the UI whichever way it was started.
+"""
 
 from __future__ import annotations
 
+import contextvars
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
-from prefect import get_run_logger, runtime, task
+from prefect import Flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.settings import PREFECT_UI_URL
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.callables import get_call_parameters
 
-from hypersdk.errors import InvalidParameterError
+from flows.logs import route_engine_logs
 from hypersdk.formats import extension_for, get_driver
 from hypersdk.manifest import DiskManifest, ExportManifest
-from hypersdk.requests import ExportRequest
+from hypersdk.repository import disk_key, manifest_key, package_key
+from hypersdk.requests import ExportRequest, validate_request
 from hypersdk.summary import DiskResult, MigrationResult, render_markdown
-from providers import open_source, open_target
+from hypersdk.units import human
+from providers import open_target
+from providers.preflight import preflight
 from tasks.cbt import changed_extents
 from tasks.common import io_task_options
-from tasks.manifest import find_previous_export, manifest_key, publish_manifest
+from tasks.manifest import find_previous_export, publish_manifest
 from tasks.snapshot import release_snapshot, take_snapshot
 from tasks.transfer import export_disk, export_package
 from tasks.verify import verify
 
+# Disks of one VM exported at once; each needs one task-runner thread per stage (up to four).
+DISK_CONCURRENCY = 4
+STAGE_THREADS = 4 * DISK_CONCURRENCY + 4
 
-@task(name="resolve-vm", cache_policy=NO_CACHE, **io_task_options(2))
-def resolve_vm(source_url: str, vm: str | None) -> str:
-    """The VM's name; without one, the source must hold exactly one VM."""
-    with open_source(source_url) as source:
-        if vm is not None:
-            return source.get_vm(vm).name
-        vms = source.list_vms()
-        if len(vms) != 1:
-            names = ", ".join(v.name for v in vms[:10]) or "none"
-            raise InvalidParameterError(
-                f"{source.url} holds {len(vms)} VMs ({names}): pass vm=NAME"
-            )
-        return vms[0].name
+
+class ExportFlow(Flow):
+    """A flow whose parameters are checked before a run exists, when called from Python:
+    a wrong VM, an unreadable source, an unwritable target or an unknown format is one
+    exception, at once, with no flow run created. (Deployment runs validate their typed
+    parameters in the API and check the rest in the ``preflight`` task.)"""
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        params = get_call_parameters(self.fn, args, kwargs)
+        params.pop("return_state", None)
+        preflight(request_from(self.name, params))
+        return super().__call__(*args, **kwargs)
+
+
+def export_flow(name: str, doc: str) -> Callable[[Callable], ExportFlow]:
+    """Decorator: ``fn`` as an ExportFlow with the task runner the stage tasks need."""
+
+    def wrap(fn: Callable) -> ExportFlow:
+        fn.__doc__ = doc
+        route_engine_logs()
+        return ExportFlow(
+            fn=fn,
+            name=name,
+            log_prints=True,
+            validate_parameters=True,
+            task_runner=ThreadPoolTaskRunner(max_workers=STAGE_THREADS),
+        )
+
+    return wrap
+
+
+def request_from(flow_name: str, params: dict[str, Any]) -> ExportRequest:
+    """The validated request behind a flow's parameters."""
+    params = dict(params)
+    if flow_name == "backup-vm":
+        params["incremental"] = True
+    return validate_request(**params)
+
+
+@task(name="preflight", task_run_name="preflight", cache_policy=NO_CACHE, **io_task_options(2))
+def check_request(req: ExportRequest) -> str:
+    """What can be checked without side effects: the VM exists, its disks can be read, the
+    target can be written. Returns the VM's name."""
+    vm = preflight(req)
+    get_run_logger().info(
+        "VM %r on %s: %d disk(s), %s; target %s",
+        vm.name,
+        req.source,
+        len(vm.disks),
+        human(sum(d.capacity for d in vm.disks)),
+        req.target,
+    )
+    return vm.name
 
 
 def pick_base(
     history: list[ExportManifest], disk: str, req: ExportRequest
 ) -> tuple[DiskManifest | None, str]:
     """The previous export of ``disk`` a delta can build on, or None and the reason why not."""
-    if not req.incremental or not history:
-        return None, ""
+    if not req.incremental:
+        return None, "full export asked for"
+    if not history:
+        return None, "no previous export on this target: full export"
     if not get_driver(req.format).supports_backing:
         return None, f"format {req.format} cannot hold a delta: full export"
     if req.encryption is not None:
@@ -53,7 +115,7 @@ def pick_base(
         return None, "encrypted exports are always full: full export"
     newest = next((d for m in history for d in m.disks if d.name == disk), None)
     if newest is None:
-        return None, ""
+        return None, f"no previous export of disk {disk}: full export"
     if newest.format != req.format or bool(newest.encryption) != (req.encryption is not None):
         return None, "previous export used another format or encryption: full export"
     if req.full_every is not None:
@@ -92,19 +154,20 @@ def _disk_result(dm: DiskManifest, stats: dict, target, incremental: bool) -> Di
     )
 
 
-def _export_disk(req, snap, disk, vm_name, target, history, manifests) -> DiskResult:
+def _export_disk(req, snap, disk, vm_name, target, history) -> tuple[DiskManifest, DiskResult]:
     """One disk as one object: a full image, or a delta on the previous export."""
     logger = get_run_logger()
     base, why_full = pick_base(history, disk.name, req)
     if base is not None and not target.exists(base.key):
         base, why_full = None, f"previous export {base.key} is gone: full export"
+    if base is not None:
+        logger.info("%s: delta on %s (change id %s)", disk.name, base.key, base.change_id or "none")
+    else:
+        logger.info("%s: %s", disk.name, why_full)
     changes = changed_extents(req.source, snap, disk, base.change_id if base else None)
-    note = "; ".join(n for n in (why_full, changes.note) if n)
-    if note:
-        logger.info("%s: %s", disk.name, note)
+    note = "; ".join(n for n in (why_full if base is None else "", changes.note) if n)
     base_key = base.key if base is not None and changes.incremental else None
-    suffix = ".hsenc" if req.encryption is not None else ""
-    key = f"{vm_name}/{snap.id}/{disk.name}{extension_for(req.format)}{suffix}"
+    key = disk_key(vm_name, snap.id, disk.name, extension_for(req.format), bool(req.encryption))
     dm, stats = export_disk(
         req.source,
         snap,
@@ -118,41 +181,72 @@ def _export_disk(req, snap, disk, vm_name, target, history, manifests) -> DiskRe
         req.encryption,
     )
     dm.note = note
-    manifests.append(dm)
-    return _disk_result(dm, stats, target, base_key is not None)
+    logger.info(
+        "%s: %s object %s, %s (%s of guest data, %s skipped)",
+        disk.name,
+        "delta" if base_key else "full",
+        key,
+        human(dm.object_size),
+        human(dm.data_bytes),
+        human(dm.virtual_size - dm.data_bytes),
+    )
+    return dm, _disk_result(dm, stats, target, base_key is not None)
 
 
-def _export_package(req, snap, vm_name, target, manifests) -> list[DiskResult]:
+def _export_disks(req, snap, vm_name, target, history) -> tuple[list, list]:
+    """Every disk, up to DISK_CONCURRENCY at once (each on a thread carrying the run's
+    context, so its tasks belong to this flow run), in the VM's disk order."""
+    disks = [sd.disk for sd in snap.disks]
+    if len(disks) == 1:
+        outcomes = [_export_disk(req, snap, disks[0], vm_name, target, history)]
+    else:
+        with ThreadPoolExecutor(min(DISK_CONCURRENCY, len(disks)), "disk") as pool:
+            futures = [
+                pool.submit(
+                    contextvars.copy_context().run,
+                    _export_disk,
+                    req,
+                    snap,
+                    d,
+                    vm_name,
+                    target,
+                    history,
+                )
+                for d in disks
+            ]
+            outcomes = [f.result() for f in futures]
+    return [m for m, _ in outcomes], [r for _, r in outcomes]
+
+
+def _export_package(req, snap, vm_name, target) -> tuple[list, list]:
     """The whole VM as one OVA (always full: a package cannot hold a delta)."""
     changes = {sd.disk.name: changed_extents(req.source, snap, sd.disk, None) for sd in snap.disks}
-    suffix = ".hsenc" if req.encryption is not None else ""
-    key = f"{vm_name}/{snap.id}/{vm_name}.ova{suffix}"
+    key = package_key(vm_name, snap.id, bool(req.encryption))
     dms, stats = export_package(
         req.source, snap, changes, req.target, key, req.format_options, req.encryption
     )
-    manifests.extend(dms)
     results = [_disk_result(dm, stats, target, False) for dm in dms]
     for r in results[1:]:  # one object: count its bytes once
         r.object_size = 0
-    return results
+    return dms, results
 
 
 def run_export(req: ExportRequest) -> MigrationResult:
     """Run the pipeline for one VM (called inside a flow)."""
+    logger = get_run_logger()
     started = time.perf_counter()
-    vm_name = resolve_vm(req.source, req.vm)
+    vm_name = check_request(req)
     history = find_previous_export(req.target, vm_name) if req.incremental else []
     snap = take_snapshot(req.source, vm_name)
-    disks: list[DiskManifest] = []
+    logger.info(
+        "snapshot %s of %r: %s, %d disk(s)", snap.id, vm_name, snap.consistency, len(snap.disks)
+    )
     try:
         with open_target(req.target) as target:
-            if req.format == "ova":
-                results = _export_package(req, snap, vm_name, target, disks)
+            if get_driver(req.format).kind == "package":
+                disks, results = _export_package(req, snap, vm_name, target)
             else:
-                results = [
-                    _export_disk(req, snap, sd.disk, vm_name, target, history, disks)
-                    for sd in snap.disks
-                ]
+                disks, results = _export_disks(req, snap, vm_name, target, history)
         kind = "incremental" if any(r.incremental for r in results) else "full"
         manifest = ExportManifest(
             export_id=snap.id,
@@ -165,10 +259,15 @@ def run_export(req: ExportRequest) -> MigrationResult:
             stats={"seconds": time.perf_counter() - started},
         )
         location = publish_manifest(req.target, manifest)
+        logger.info("manifest published: %s", location)
     finally:
         release_snapshot(req.source, snap)
+        logger.info("snapshot %s removed", snap.id)
     if req.verify:
-        verify(req.target, manifest_key(vm_name, snap.id), req.encryption)
+        checked = verify(req.target, manifest_key(vm_name, snap.id), req.encryption)
+        logger.info(
+            "verified: %d chunk hashes of %d disk(s) match the manifest", checked, len(disks)
+        )
     flow_run_id = runtime.flow_run.id
     result = MigrationResult(
         export_id=snap.id,

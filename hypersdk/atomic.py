@@ -3,6 +3,14 @@
 A reader never sees a half-written file under its final name, whatever happens mid-way (full disk,
 crash, Ctrl-C): the temporary file is removed on failure.
 
+The temporary name is ``.<name>.partial-<random>`` (targets hide names of that shape from
+listings), created with O_CREAT|O_EXCL|O_NOFOLLOW: a file or symlink planted there by someone
+sharing the directory makes the open fail instead of being written through or truncated. Until
+it is published the file is readable by its owner only (mode 0600: a decrypted image is
+plaintext); publishing gives it the usual mode (0644 less the umask). The rename replaces
+whatever sits at the final name, a symlink included: the link itself is replaced, never the file
+it points to.
+
 Cache modes, with qemu-img's names and meaning:
 - ``writeback`` (default): through the page cache, fsync before the rename: durable.
 - ``none``: O_DIRECT (bypassing the page cache), then fsync: durable, and steady on large files
@@ -15,13 +23,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
+import secrets
 from collections.abc import Iterator
 
 from hypersdk.errors import InvalidParameterError
 from hypersdk.io import DirectFileSink, FileSink, target_error
 
 CACHE_MODES = ("writeback", "none", "unsafe")
+PUBLISHED_MODE = 0o644  # less the umask
+_TEMP_STEM_BYTES = 150  # of the final name kept in the temporary one: stays within 255 bytes
 
 
 def _fsync_dir(path: str) -> None:
@@ -31,6 +43,45 @@ def _fsync_dir(path: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would race with other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_name(path: str) -> str:
+    """A fresh, unguessable temporary name next to ``path``."""
+    stem = os.fsencode(os.path.basename(path))[:_TEMP_STEM_BYTES]
+    name = f".{os.fsdecode(stem)}.partial-{secrets.token_hex(8)}"
+    return os.path.join(os.path.dirname(path), name)
+
+
+def _create(tmp: str, direct: bool) -> tuple[int, bool]:
+    """Create ``tmp`` (never an existing file, never through a symlink), owner-only; ask for
+    O_DIRECT afterwards so a filesystem that refuses it (tmpfs) costs no second create."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, 0o600)
+    if direct:
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            direct = False  # tmpfs and friends: no O_DIRECT, the page cache it is
+    return fd, direct
 
 
 def check_cache_mode(cache: str) -> str:
@@ -49,17 +100,9 @@ def atomic_file(path: str | os.PathLike, cache: str = "writeback") -> Iterator[F
         os.makedirs(directory, exist_ok=True)
     except OSError as exc:
         raise target_error(directory, exc) from None
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.partial-{os.getpid()}")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-    direct = cache == "none" and hasattr(os, "O_DIRECT")
+    tmp = temp_name(path)
     try:
-        try:
-            fd = os.open(tmp, flags | (os.O_DIRECT if direct else 0), 0o644)
-        except OSError as exc:
-            if not direct or exc.errno != errno.EINVAL:
-                raise
-            direct = False  # tmpfs and friends: no O_DIRECT, the page cache it is
-            fd = os.open(tmp, flags, 0o644)
+        fd, direct = _create(tmp, cache == "none" and hasattr(os, "O_DIRECT"))
     except OSError as exc:
         raise target_error(path, exc) from None
     published = False
@@ -67,11 +110,12 @@ def atomic_file(path: str | os.PathLike, cache: str = "writeback") -> Iterator[F
     try:
         yield sink
         sink.finish()
-        if cache != "unsafe":
-            try:
+        try:
+            os.fchmod(fd, PUBLISHED_MODE & ~_umask())
+            if cache != "unsafe":
                 os.fsync(fd)
-            except OSError as exc:
-                raise target_error(path, exc) from None
+        except OSError as exc:
+            raise target_error(path, exc) from None
         os.close(fd)
         fd = -1
         os.replace(tmp, path)

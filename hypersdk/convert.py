@@ -11,7 +11,7 @@ from hypersdk.atomic import atomic_file, check_cache_mode
 from hypersdk.blockmap import DEFAULT_BLOCK, is_zero, nonzero_extents
 from hypersdk.extents import Extent, ExtentCollector, ExtentMap
 from hypersdk.formats import get_driver, open_image
-from hypersdk.formats.base import DiskImage, Layout, Progress, Readable
+from hypersdk.formats.base import DiskImage, Layout, Progress, Readable, emit
 from hypersdk.io import IO_CHUNK, FileRangeReader, Sink, read_pieces
 
 
@@ -106,7 +106,7 @@ def convert_stream(
     """Plan ``fmt`` for ``extents`` of ``source`` and emit it into ``out``."""
     driver = get_driver(fmt)
     layout = driver.plan(source.size, extents, options or {})
-    driver.write(source, layout, out, progress)
+    emit(driver, source, layout, out, progress)
     return layout
 
 
@@ -129,20 +129,10 @@ def convert_image(
     extents = scan_data_extents(image, progress=scan_progress, probe=local)
     driver = get_driver(fmt)
     layout = driver.plan(image.size, extents, options or {})
-    bind = getattr(layout, "bind_output", None)
-    if bind is not None:  # side files that must name the main output (VMDK flat descriptor)
-        bind(dst)
-    try:
-        measure = getattr(layout, "measure", None)
-        if measure is not None:  # compressed layouts: exact size, no padding, one pass
-            measure(image, progress)
-        with atomic_file(dst, cache) as sink:
-            driver.write(image, layout, sink, progress)
-            size = sink.tell()
-    finally:
-        release = getattr(layout, "release", None)
-        if release is not None:  # a measured layout's spool, if the write never used it
-            release()
+    layout.bind_output(dst)  # side files that must name the main output (VMDK flat)
+    with atomic_file(dst, cache) as sink:
+        emit(driver, image, layout, sink, progress)
+        size = sink.tell()
     extra = []
     for suffix, data in layout.extra_files.items():
         side = (

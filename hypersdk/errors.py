@@ -1,4 +1,9 @@
-"""Typed errors. Each carries a message a user can act on; the CLI prints it as one line."""
+"""Typed errors. Each carries a message a user can act on; the CLI prints it as one line.
+
+Each class declares, next to its exit code, whether a retry can heal it (``retryable``): network
+hiccups and overloaded servers can, bad input, missing things, wrong keys and failed
+verification cannot. Task retry policies read this; nothing keeps a separate list.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ class HyperSDKError(Exception):
     """Base of every error this project raises on purpose."""
 
     exit_code = 1
+    retryable = False
 
 
 class InvalidParameterError(HyperSDKError):
@@ -29,31 +35,47 @@ class UnsupportedFormatError(FormatError):
 
 
 class SourceError(HyperSDKError):
-    """Reading from a source (hypervisor, cloud, local directory) failed."""
+    """Reading from a source (hypervisor, cloud, local directory) failed: a missing directory,
+    a malformed VM description. (Network trouble is EndpointUnreachableError, a failed disk
+    read DiskReadError: those heal with a retry.)"""
+
+    retryable = False
 
 
 class VMNotFoundError(SourceError):
     """The requested VM does not exist on the source."""
 
+    retryable = False
+
 
 class DiskReadError(SourceError):
     """A disk of the VM could not be read."""
+
+    retryable = True
 
 
 class SnapshotError(SourceError):
     """A snapshot could not be taken, used or removed."""
 
+    retryable = False
+
 
 class TargetError(HyperSDKError):
     """Writing to or reading from a storage target failed."""
+
+    retryable = True
 
 
 class TargetFullError(TargetError):
     """The target ran out of space; nothing was published under the final name."""
 
+    retryable = False
+
 
 class ObjectNotFoundError(TargetError):
     """The object asked for does not exist on the target."""
+
+    retryable = False
 
 
 class CredentialsError(HyperSDKError):
@@ -62,6 +84,8 @@ class CredentialsError(HyperSDKError):
 
 class EndpointUnreachableError(HyperSDKError):
     """A server could not be reached (wrong URL, network down, server gone)."""
+
+    retryable = True
 
 
 class CryptoError(HyperSDKError):

@@ -9,8 +9,10 @@ stream simply receives zero bytes.
 from __future__ import annotations
 
 import errno
+import functools
 import mmap
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from typing import Protocol, runtime_checkable
 
@@ -38,11 +40,24 @@ class FileRangeReader:
 
     def __init__(self, path: str | os.PathLike, size: int | None = None):
         self.name = os.fspath(path)
+        self._fd = -1
         try:
-            self._fd = os.open(self.name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            # O_NONBLOCK: opening a FIFO for reading would wait for a writer forever
+            self._fd = os.open(self.name, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+            mode = os.fstat(self._fd).st_mode
+            if stat.S_ISBLK(mode):
+                real_size = os.lseek(self._fd, 0, os.SEEK_END)
+            elif stat.S_ISREG(mode):
+                real_size = os.fstat(self._fd).st_size
+            else:
+                kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file or block device"
+                self.close()
+                raise DiskReadError(f"cannot read {self.name}: it is {kind}")
+            os.set_blocking(self._fd, True)
         except OSError as exc:
+            self.close()
             raise DiskReadError(f"cannot open {self.name}: {exc.strerror}") from None
-        self.size = os.fstat(self._fd).st_size if size is None else size
+        self.size = real_size if size is None else size
 
     @property
     def fd(self) -> int:
@@ -438,7 +453,9 @@ def read_pieces(
     once that is done too.
     """
     readinto = getattr(source, "readinto", None)
-    if readinto is None:
+    # a source whose reads run elsewhere (a pipeline's download stage) takes them as jobs
+    submit_readinto = getattr(source, "submit_readinto", None)
+    if readinto is None and submit_readinto is None:
         for piece, data in read_ahead(source, pieces, depth):
             yield piece, memoryview(data)
         return
@@ -448,7 +465,10 @@ def read_pieces(
     it = iter(pieces)
     free = deque(aligned_buffer(chunk) for _ in range(depth + 1))
     inflight: deque = deque()
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="read-pieces") as pool:
+    workers = 0 if submit_readinto is not None else threads
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="read-pieces") as pool:
+        if submit_readinto is None:
+            submit_readinto = functools.partial(pool.submit, readinto)
 
         def submit() -> bool:
             piece = next(it, None)
@@ -458,7 +478,7 @@ def read_pieces(
                 raise ValueError(f"piece of {piece.length} bytes exceeds chunk {chunk}")
             buf = free.popleft()
             view = buf[: piece.length]
-            inflight.append((piece, view, buf, pool.submit(readinto, piece.offset, view)))
+            inflight.append((piece, view, buf, submit_readinto(piece.offset, view)))
             return True
 
         while free and submit():

@@ -4,22 +4,35 @@ One manifest per export, written last (its presence marks the export complete), 
 the stored object (key, size, BLAKE3 of its bytes), the logical disk ranges it defines with a
 BLAKE3 hash per chunk (a full export defines the whole disk; a delta only the changed extents),
 change ids for the next incremental, and encryption parameters (never keys).
+
+A manifest read back from a target is untrusted input: ``read_manifest`` bounds its size before
+reading it, refuses schemas it does not know, and answers any malformed content with one
+FormatError line naming the object. Its keys must be plain relative keys (no ``..``, ``.`` or
+empty segments, not absolute) and its chunk list must be ordered, disjoint and inside the disk,
+so nothing that acts on a manifest can be sent outside the target or made to read without end.
 """
 
 from __future__ import annotations
 
 import bisect
+import re
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import blake3
-from pydantic import BaseModel, Field
+import pydantic_core
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from hypersdk import __version__
+from hypersdk.errors import FormatError
 from hypersdk.extents import Extent, ExtentMap
 from hypersdk.models import VMInfo
+from hypersdk.references import printable
 
 SCHEMA = "hypersdk.export/v1"
+# A fully written 1 TiB disk takes ~37 MB of chunk list: this leaves room for several of them,
+# and refuses a planted multi-gigabyte "manifest" before it is read.
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 CHUNK_SIZE = 4 * 1024 * 1024
 MAX_CHUNKS = 256 * 1024  # chunk size grows past 1 TiB so a manifest stays small
 ZERO = "zero"  # a chunks entry whose bytes are all zeros; consecutive zero chunks merge into one
@@ -34,29 +47,67 @@ def chunk_size_for(size: int) -> int:
 
 
 _ZEROS = memoryview(bytes(1024 * 1024))
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def key_problem(key: str) -> str | None:
+    """Why ``key`` is not a plain object key relative to the target, or None."""
+    if not key:
+        return "is empty"
+    if key.startswith("/"):
+        return "is absolute"
+    if any(seg in ("", ".", "..") for seg in key.split("/")):
+        return "has an empty, '.' or '..' segment"
+    if not key.isprintable():
+        return "holds control characters"
+    return None
 
 
 class DiskManifest(BaseModel):
     name: str
-    virtual_size: int
+    virtual_size: int = Field(ge=0)
     format: str
     format_options: dict[str, str] = Field(default_factory=dict)
     key: str = Field(description="Object key of the stored disk, relative to the target")
     member: str | None = Field(default=None, description="The disk's file inside a package (OVA)")
-    object_size: int
+    object_size: int = Field(ge=0)
     object_blake3: str
     base_key: str | None = Field(default=None, description="The export this delta builds on")
     change_id: str | None = None
     since_change_id: str | None = None
-    data_bytes: int = Field(description="Non-zero guest bytes carried")
-    defined_bytes: int = Field(description="Guest bytes this export defines (data + zeroed)")
-    chunk_size: int = CHUNK_SIZE
+    data_bytes: int = Field(ge=0, description="Non-zero guest bytes carried")
+    defined_bytes: int = Field(ge=0, description="Guest bytes this export defines (data + zeroed)")
+    chunk_size: int = Field(default=CHUNK_SIZE, ge=1)
     chunks: list[tuple[int, int, str]] = Field(
         description="(offset, length, blake3 hex) over the guest bytes this export defines; "
         "'zero' instead of a hash marks an all-zero range (consecutive zero chunks merge)"
     )
     encryption: dict[str, Any] | None = None
     note: str = ""
+
+    @field_validator("key", "base_key")
+    @classmethod
+    def _plain_key(cls, key: str | None) -> str | None:
+        problem = None if key is None else key_problem(key)
+        if problem:
+            raise ValueError(f"object key {printable(key)!r} {problem}")
+        return key
+
+    @model_validator(mode="after")
+    def _chunks_inside_disk(self) -> DiskManifest:
+        """Ordered, disjoint, inside the disk, hashes no longer than a chunk: verifying costs
+        at most one read of the disk whatever the list says."""
+        end = 0
+        for offset, length, digest in self.chunks:
+            if offset < end or length <= 0 or offset + length > self.virtual_size:
+                raise ValueError(
+                    f"chunk ({offset}, {length}) overlaps, is out of order or lies outside the "
+                    f"disk ({self.virtual_size} bytes)"
+                )
+            if digest != ZERO and (length > self.chunk_size or not _DIGEST.fullmatch(digest)):
+                raise ValueError(f"chunk at {offset}: not a BLAKE3 hex digest of one chunk")
+            end = offset + length
+        return self
 
 
 class ExportManifest(BaseModel):
@@ -78,8 +129,48 @@ class ExportManifest(BaseModel):
         return self.model_dump_json(indent=2, by_alias=True).encode()
 
     @classmethod
-    def from_json(cls, data: bytes | str) -> ExportManifest:
-        return cls.model_validate_json(data)
+    def from_json(cls, data: bytes | str, name: str = "manifest") -> ExportManifest:
+        """Parse a stored manifest; FormatError naming ``name`` (one line) when it is not one
+        this version can read."""
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise FormatError(name, f"manifest larger than {MAX_MANIFEST_BYTES} bytes: refused")
+        try:
+            raw = pydantic_core.from_json(data)  # iterative parser: deep nesting is an error
+        except ValueError as exc:
+            raise FormatError(name, f"not a manifest: invalid JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise FormatError(name, "not a manifest: JSON object expected")
+        if "schema" not in raw:
+            raise FormatError(name, f"not a manifest: no schema (this version reads {SCHEMA})")
+        if raw["schema"] != SCHEMA:
+            shown = printable(repr(raw["schema"])[:80])
+            raise FormatError(
+                name, f"manifest schema {shown} is not supported (this version reads {SCHEMA})"
+            )
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "manifest"
+            msg = first["msg"].removeprefix("Value error, ")
+            more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
+            raise FormatError(
+                name, f"invalid manifest at {printable(where)}: {printable(msg)}{more}"
+            ) from None
+
+
+def read_manifest(target, key: str) -> ExportManifest:
+    """The manifest stored under ``key`` on ``target``, its size checked before it is read."""
+    reader = target.open_reader(key)
+    try:
+        if reader.size > MAX_MANIFEST_BYTES:
+            raise FormatError(
+                key, f"manifest of {reader.size} bytes is larger than {MAX_MANIFEST_BYTES}: refused"
+            )
+        data = reader.read(0, reader.size)
+    finally:
+        reader.close()
+    return ExportManifest.from_json(data, key)
 
 
 def defined_map(extents: ExtentMap, full: bool) -> ExtentMap:

@@ -9,8 +9,10 @@ HostResource ``ovf:/disk/<id>``, NIC 10 with Connection and ResourceSubType) and
 schema's xs:sequence requires.
 
 ``parse_ovf`` reads one back into a VMInfo plus the disk file references. The descriptor comes
-from untrusted archives, so a DOCTYPE (and with it any entity declaration) is refused before
-the XML parser sees it; sizes are bounded.
+from untrusted archives, so it is parsed with DTDs, entities and external references forbidden
+whatever its encoding (defusedxml), and its size, depth and element count are bounded. Names
+it carries (the VM's, disks', files') are kept as they are; whoever shows one escapes its
+control characters (``hypersdk.references.printable``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from hypersdk.errors import FormatError
+from hypersdk.references import printable
 
 if TYPE_CHECKING:  # pydantic models load on use: opening an image must not pay for them
     from hypersdk.models import DiskInfo, VMInfo
@@ -34,6 +37,8 @@ XSI_NS = "http://www.w3.org/2001/XMLSchema-instance"
 CIM_NS = "http://schemas.dmtf.org/wbem/wscim/1/common"
 VMDK_STREAM_URL = "http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"
 MAX_OVF_BYTES = 16 * 1024 * 1024
+MAX_OVF_DEPTH = 64  # an OVF nests about 6 levels (a VirtualSystemCollection a few more)
+MAX_OVF_ELEMENTS = 200_000  # thousands for the largest VM
 
 RT_CPU, RT_MEMORY, RT_IDE, RT_SCSI, RT_NIC, RT_DISK, RT_OTHER_STORAGE = 3, 4, 5, 6, 10, 17, 20
 
@@ -278,15 +283,58 @@ def _int(text: str | None, what: str, name: str) -> int:
         raise FormatError(name, f"{what} {text!r} is not an integer") from None
 
 
+class _TooBig(Exception):
+    """Raised by the tree builder to stop a parse (too deep, too many elements)."""
+
+
+class _BoundedBuilder(ET.TreeBuilder):
+    """A tree builder that refuses trees deeper or larger than any OVF: memory stays a small
+    multiple of the descriptor, and nothing walking the tree can recurse too deep."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.depth = 0
+        self.count = 0
+
+    def start(self, tag, attrs):  # type: ignore[override]
+        self.depth += 1
+        self.count += 1
+        if self.depth > MAX_OVF_DEPTH:
+            raise _TooBig(f"nests elements deeper than {MAX_OVF_DEPTH} levels")
+        if self.count > MAX_OVF_ELEMENTS:
+            raise _TooBig(f"holds more than {MAX_OVF_ELEMENTS} elements")
+        return super().start(tag, attrs)
+
+    def end(self, tag):  # type: ignore[override]
+        self.depth -= 1
+        return super().end(tag)
+
+
 def _safe_xml(data: bytes, name: str) -> ET.Element:
+    """Parse an untrusted descriptor: no DTD, entity or external reference in any encoding
+    (defusedxml refuses them as the parser meets them, so a UTF-16 DOCTYPE is caught too; a
+    byte search for "<!DOCTYPE" is not), bounded size, depth and element count."""
+    from defusedxml import DefusedXmlException
+    from defusedxml.ElementTree import DefusedXMLParser
+
     if len(data) > MAX_OVF_BYTES:
         raise FormatError(name, f"OVF descriptor of {len(data)} bytes is too big")
-    if b"<!DOCTYPE" in data.upper() or b"<!ENTITY" in data.upper():
-        raise FormatError(name, "OVF descriptor declares a DOCTYPE/entities: refused")
+    parser = DefusedXMLParser(
+        target=_BoundedBuilder(), forbid_dtd=True, forbid_entities=True, forbid_external=True
+    )
     try:
-        return ET.fromstring(data)
-    except ET.ParseError as exc:
-        raise FormatError(name, f"OVF descriptor is not well-formed XML: {exc}") from None
+        parser.feed(data)
+        return parser.close()
+    except DefusedXmlException:
+        raise FormatError(
+            name, "OVF descriptor declares a DOCTYPE, entities or external references: refused"
+        ) from None
+    except _TooBig as exc:
+        raise FormatError(name, f"OVF descriptor {exc}: refused") from None
+    except (ET.ParseError, ValueError, LookupError) as exc:  # LookupError: unknown encoding
+        raise FormatError(
+            name, f"OVF descriptor is not well-formed XML: {printable(str(exc))}"
+        ) from None
 
 
 def _local(tag: str) -> str:
@@ -325,7 +373,7 @@ def _parse_ovf(data: bytes, name: str) -> tuple[VMInfo, list[DiskFile]]:
 
     root = _safe_xml(data, name)
     if _local(root.tag) != "Envelope":
-        raise FormatError(name, f"root element is {_local(root.tag)}, not an OVF Envelope")
+        raise FormatError(name, f"root element is {_local(root.tag)!r}, not an OVF Envelope")
     files: dict[str, tuple[str, int | None]] = {}
     refs = _child(root, "References")
     for f in _children(refs, "File") if refs is not None else []:
@@ -344,7 +392,7 @@ def _parse_ovf(data: bytes, name: str) -> tuple[VMInfo, list[DiskFile]]:
         mult = _units(_attr(d, "capacityAllocationUnits"), 1, name)
         ref = _attr(d, "fileRef")
         if ref is not None and ref not in files:
-            raise FormatError(name, f"disk {did} refers to unknown file {ref!r}")
+            raise FormatError(name, f"disk {did!r} refers to unknown file {ref!r}")
         populated = _attr(d, "populatedSize")
         disks[did] = {
             "capacity": cap * mult,

@@ -1,12 +1,14 @@
-"""One disk export as one stream: source reads -> format writer -> (encryptor) -> target object.
+"""One disk export as one stream: download -> convert -> (encrypt) -> upload.
 
-No staging copy: memory holds a few chunk buffers whatever the disk size. Each stage is timed
-(reads, conversion, encryption, upload) so summaries and benchmarks show where time goes, and the
-guest bytes the writer reads are hashed on the way for the manifest.
+The four stages run at once over bounded in-memory streams (hypersdk.stages): no staging copy,
+memory holds a few buffers whatever the disk size. Each stage keeps its own bytes and time, so
+summaries, benchmarks and the Prefect flow graph show where time goes; the guest bytes the
+writer reads are hashed on the way for the manifest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -18,21 +20,12 @@ import blake3
 from hypersdk.errors import InvalidParameterError
 from hypersdk.extents import ExtentMap
 from hypersdk.formats import get_driver
-from hypersdk.formats.base import Readable
+from hypersdk.formats.base import Readable, emit
 from hypersdk.io import Sink, TeeSink
 from hypersdk.manifest import ChunkHasher, chunk_size_for, defined_map, hash_chunks
+from hypersdk.stages import JobQueue, Pipe, StageAborted, StagedSource, StageStats
 
 Progress = Callable[[int], None]
-
-
-@dataclass
-class StageStats:
-    bytes: int = 0
-    seconds: float = 0.0
-
-    @property
-    def mb_per_s(self) -> float:
-        return self.bytes / self.seconds / 1e6 if self.seconds > 0 else 0.0
 
 
 @dataclass
@@ -46,7 +39,7 @@ class StreamResult:
     encryption: dict[str, Any] | None
     wall_seconds: float
     chunk_size: int = 0
-    stages: dict[str, StageStats] = field(default_factory=dict)
+    stages: dict[str, StageStats] = field(default_factory=dict)  # download, convert, ...
 
     @property
     def skipped_bytes(self) -> int:
@@ -71,14 +64,14 @@ class _ObservedSource:
         self._hasher = hasher
         self._progress = progress
         self._lock = threading.Lock()
-        self.stats = StageStats()
+        self.stats = StageStats("read")
         self._hashing = None
         if hasattr(inner, "readinto"):  # offer the fast path only when the source has it
             self.readinto = self._readinto
 
     def _observe(self, offset: int, data: bytes | memoryview, seconds: float) -> None:
         with self._lock:
-            self.stats.seconds += seconds
+            self.stats.busy += seconds
             self.stats.bytes += len(data)
             self._hasher.feed(offset, data)
             for observer in self._observers:  # e.g. a change tracker building a block map
@@ -108,76 +101,162 @@ class _ObservedSource:
             self._hashing.shutdown(wait=True)
 
 
-class _TimedSink:
-    """Measures the time spent inside the downstream sink (inclusive)."""
-
-    def __init__(self, inner: Sink):
-        self._inner = inner
-        self.stats = StageStats()
-
-    def write(self, data) -> int:
-        t = time.perf_counter()
-        n = self._inner.write(data)
-        self.stats.seconds += time.perf_counter() - t
-        self.stats.bytes += n
-        return n
-
-    def write_zeros(self, length: int) -> None:
-        t = time.perf_counter()
-        self._inner.write_zeros(length)
-        self.stats.seconds += time.perf_counter() - t
-        self.stats.bytes += length
-
-    def tell(self) -> int:
-        return self._inner.tell()
-
-    def finish(self) -> None:
-        t = time.perf_counter()
-        finish = getattr(self._inner, "finish", None)
-        if finish:
-            finish()
-        self.stats.seconds += time.perf_counter() - t
+Runner = Callable[["ExportStream"], None]
 
 
-class _OutputChain:
-    """What every writer emits into: (encryptor ->) hash of stored bytes -> target, all timed."""
+class ExportStream:
+    """One export as stages over bounded in-memory streams (hypersdk.stages): download (the
+    source reads), convert (``produce``, the format writer), encrypt (when asked) and upload
+    (stored bytes, hashed on the way, into ``out``).
 
-    def __init__(self, out: Sink, encryption: Any | None):
+    Whoever runs it calls ``run_stage(name)`` for every name in ``stage_names``, each on its
+    own thread and all at once: ``run_in_threads`` does that with plain threads; the Prefect
+    tasks run one task per stage. ``produce(sink)`` emits the output into ``sink`` and reads
+    its sources through ``staged(...)`` wrappers, so every read runs on the download stage.
+    """
+
+    def __init__(
+        self,
+        produce: Callable[[Sink], None],
+        out: Sink,
+        encryption: Any | None = None,
+        download_workers: int = 1,
+    ):
+        self._produce = produce
+        self._out = out
+        self.stats = {name: StageStats(name) for name in ("download", "convert", "upload")}
+        self.jobs = JobQueue(self.stats["download"])
+        self._download_workers = max(1, download_workers)
         self.object_hash = blake3.blake3()
-        self.upload = _TimedSink(TeeSink(out, self.object_hash))
-        self.encryption_params = None
-        self._encrypt: _TimedSink | None = None
-        self.sink: Sink = self.upload
+        self._to_upload = Pipe("upload")
+        self._to_encrypt: Pipe | None = None
         self._encryptor = None
+        self.encryption_params: dict[str, Any] | None = None
         if encryption is not None:
             from hypersdk.crypto import encrypting_sink
 
-            self._encryptor = encrypting_sink(encryption, self.upload)
-            self._encrypt = self.sink = _TimedSink(self._encryptor)
+            self.stats["encrypt"] = StageStats("encrypt")
+            self._to_encrypt = Pipe("encrypt")
+            self._encryptor = encrypting_sink(encryption, self._to_upload)
+        self.failure: BaseException | None = None
 
-    def finish(self) -> None:
-        """Seal the encrypted stream (its final chunk) and record its parameters (never a key)."""
+    @property
+    def stage_names(self) -> list[str]:
+        """In stream order."""
+        names = ["download", "convert", "upload"]
         if self._encryptor is not None:
-            from hypersdk.crypto import object_params
+            names.insert(2, "encrypt")
+        return names
 
-            self._encrypt.finish()
+    def staged(self, source: Any) -> StagedSource:
+        """``source`` with its reads run by the download stage."""
+        return StagedSource(source, self.jobs)
+
+    def run_stage(self, name: str) -> StageStats:
+        """Run one stage to its end (blocking); returns its statistics."""
+        work = {
+            "download": self._download,
+            "convert": self._convert,
+            "encrypt": self._encrypt,
+            "upload": self._upload,
+        }[name]
+        try:
+            work()
+        except BaseException as exc:
+            self.abort(exc)
+            raise
+        return self.stats[name]
+
+    def abort(self, exc: BaseException) -> None:
+        """Stop every stage: the first failure is the one reported."""
+        if self.failure is None and not isinstance(exc, StageAborted):
+            self.failure = exc
+        reason = StageAborted(f"stopped because the export failed: {self.failure or exc}")
+        self.jobs.abort(reason)
+        for pipe in (self._to_encrypt, self._to_upload):
+            if pipe is not None:
+                pipe.abort(reason)
+
+    # -- the stages ---------------------------------------------------------------------------
+    def _download(self) -> None:
+        extra = [
+            threading.Thread(target=self._download_worker, name=f"download-{i}", daemon=True)
+            for i in range(1, self._download_workers)
+        ]
+        for t in extra:
+            t.start()
+        try:
+            self.jobs.work()
+        finally:
+            for t in extra:
+                t.join()
+
+    def _download_worker(self) -> None:
+        with contextlib.suppress(BaseException):  # the first worker reports failures
+            self.jobs.work()
+
+    def _convert(self) -> None:
+        stats = self.stats["convert"]
+        stats.begin()
+        cpu = time.thread_time()
+        first = self._to_encrypt or self._to_upload
+        try:
+            self._produce(first)
+            first.close_write()
+        finally:
+            self.jobs.close()
+            stats.busy = time.thread_time() - cpu
+            stats.bytes = first.tell()
+            stats.finish()
+
+    def _encrypt(self) -> None:
+        assert self._to_encrypt is not None and self._encryptor is not None
+        from hypersdk.crypto import object_params
+
+        stats = self.stats["encrypt"]
+        try:
+            self._to_encrypt.drain(self._encryptor, stats)
+            started = time.perf_counter()
+            self._encryptor.finish()  # the final chunk, sealed as final
+            stats.busy += time.perf_counter() - started
             self.encryption_params = object_params(self._encryptor)
-
-    def close(self) -> None:
-        """Release the encryptor's threads or gpg process (after finish, or on failure)."""
-        if self._encryptor is not None:
+            self._to_upload.close_write()
+        finally:
             self._encryptor.close()
+            stats.busy = max(0.0, stats.busy - self._to_upload.producer_wait)
+            stats.finish()
 
-    def stages(self, reads: StageStats, data_bytes: int, wall: float) -> dict[str, StageStats]:
-        stages = {"read": reads, "upload": self.upload.stats}
-        sink_time = self._encrypt.stats.seconds if self._encrypt else self.upload.stats.seconds
-        if self._encrypt is not None:
-            stages["encrypt"] = StageStats(
-                self._encrypt.stats.bytes,
-                max(0.0, self._encrypt.stats.seconds - self.upload.stats.seconds),
-            )
-        stages["convert"] = StageStats(data_bytes, max(0.0, wall - sink_time - reads.seconds))
-        return stages
+    def _upload(self) -> None:
+        self._to_upload.drain(TeeSink(self._out, self.object_hash), self.stats["upload"])
+
+    @property
+    def object_size(self) -> int:
+        return self._to_upload.tell()
+
+
+def run_in_threads(stream: ExportStream) -> None:
+    """The engine's runner: every stage on a thread of its own (convert on the caller's)."""
+    threads = [
+        threading.Thread(target=_quietly, args=(stream, name), name=f"stage-{name}", daemon=True)
+        for name in stream.stage_names
+        if name != "convert"
+    ]
+    for t in threads:
+        t.start()
+    try:
+        stream.run_stage("convert")
+    except BaseException as exc:
+        stream.abort(exc)
+    finally:
+        for t in threads:
+            t.join()
+    if stream.failure is not None:
+        raise stream.failure
+
+
+def _quietly(stream: ExportStream, name: str) -> None:
+    with contextlib.suppress(BaseException):  # recorded as stream.failure
+        stream.run_stage(name)
 
 
 def export_stream(
@@ -191,50 +270,97 @@ def export_stream(
     progress: Progress | None = None,
     chunk_size: int | None = None,
     observers: Sequence[Any] = (),
+    runner: Runner | None = None,
+    download_workers: int = 1,
 ) -> StreamResult:
     """Convert ``extents`` of ``source`` into ``fmt`` and stream it into ``out``.
 
     ``encryption`` is a hypersdk.crypto KeySpec (or None). ``out`` receives the final stored
     bytes; committing or aborting it is the caller's business. ``observers`` see every source
-    read (``observe(offset, data)``), in order, off the writer's thread.
+    read (``observe(offset, data)``), in order, off the writer's thread. ``runner`` runs the
+    stages (default: ``run_in_threads``; the Prefect tasks pass one that runs each as a task).
     """
-    started = time.perf_counter()
-    driver = get_driver(fmt)
-    layout = driver.plan(source.size, extents, options or {})
-    if layout.not_streamable:
-        raise InvalidParameterError(layout.not_streamable)
-    measure = getattr(layout, "measure", None)
-    if measure is not None:
-        # Compressed layouts know their exact size only after a sizing pass; the writer skips its
-        # own pass when measured, so this costs nothing and the stream carries no padding.
-        measure(source)
-    defined = defined_map(extents, full)
-    chunk_size = chunk_size or chunk_size_for(source.size)
-    hasher = ChunkHasher(defined, extents, chunk_size)
-    observed = _ObservedSource(source, hasher, progress, observers)
-    chain = _OutputChain(out, encryption)
-    try:
-        driver.write(observed, layout, chain.sink, None)
-        chain.finish()
-    finally:
-        observed.close()
-        chain.close()
-    wall = time.perf_counter() - started
-    chunks = (
-        hasher.finish() if not hasher.stale else hash_chunks(source, defined, chunk_size, extents)
+    job = DiskExport(
+        source,
+        extents,
+        full,
+        fmt,
+        out,
+        options,
+        encryption,
+        progress,
+        chunk_size,
+        observers,
+        download_workers,
     )
-    return StreamResult(
-        virtual_size=source.size,
-        data_bytes=extents.data_bytes,
-        defined_bytes=defined.defined_bytes,
-        object_size=chain.upload.stats.bytes,
-        object_blake3=chain.object_hash.hexdigest(),
-        chunks=chunks,
-        chunk_size=chunk_size,
-        encryption=chain.encryption_params,
-        wall_seconds=wall,
-        stages=chain.stages(observed.stats, extents.data_bytes, wall),
-    )
+    (runner or run_in_threads)(job)
+    return job.result()
+
+
+class DiskExport(ExportStream):
+    """One disk into one object: the plan is made (and refused) before any stage starts."""
+
+    def __init__(
+        self,
+        source: Readable,
+        extents: ExtentMap,
+        full: bool,
+        fmt: str,
+        out: Sink,
+        options: Mapping[str, str] | None = None,
+        encryption: Any | None = None,
+        progress: Progress | None = None,
+        chunk_size: int | None = None,
+        observers: Sequence[Any] = (),
+        download_workers: int = 1,
+    ):
+        self.started = time.perf_counter()
+        self.driver = get_driver(fmt)
+        self.layout = self.driver.plan(source.size, extents, options or {})
+        if self.layout.not_streamable:
+            raise InvalidParameterError(self.layout.not_streamable)
+        self.source = source
+        self.extents = extents
+        self.defined = defined_map(extents, full)
+        self.chunk_size = chunk_size or chunk_size_for(source.size)
+        self.hasher = ChunkHasher(self.defined, extents, self.chunk_size)
+        self.observed = _ObservedSource(source, self.hasher, progress, observers)
+        super().__init__(self._write, out, encryption, download_workers)
+
+    def _write(self, sink: Sink) -> None:
+        try:
+            # a sizing pass (compressed layouts) reads the plain source: only the write is
+            # observed (hashed, recorded in the change map)
+            emit(
+                self.driver,
+                self.staged(self.observed),
+                self.layout,
+                sink,
+                None,
+                measure_source=self.staged(self.source),
+            )
+        finally:
+            self.observed.close()
+
+    def result(self) -> StreamResult:
+        wall = time.perf_counter() - self.started
+        chunks = (
+            self.hasher.finish()
+            if not self.hasher.stale
+            else hash_chunks(self.source, self.defined, self.chunk_size, self.extents)
+        )
+        return StreamResult(
+            virtual_size=self.source.size,
+            data_bytes=self.extents.data_bytes,
+            defined_bytes=self.defined.defined_bytes,
+            object_size=self.object_size,
+            object_blake3=self.object_hash.hexdigest(),
+            chunks=chunks,
+            chunk_size=self.chunk_size,
+            encryption=self.encryption_params,
+            wall_seconds=wall,
+            stages=dict(self.stats),
+        )
 
 
 @dataclass
@@ -255,48 +381,78 @@ def export_ova_stream(
     options: Mapping[str, str] | None = None,
     encryption: Any | None = None,
     progress: Progress | None = None,
+    runner: Runner | None = None,
 ) -> tuple[list[PackagedDisk], StreamResult]:
     """Stream an OVA of the VM (descriptor, manifest, streamOptimized disks) into ``out``."""
-    from hypersdk.formats.ova import disk_member_names, write_ova
+    job = OvaExport(vm, disks, out, options, encryption, progress)
+    (runner or run_in_threads)(job)
+    return job.result()
 
-    started = time.perf_counter()
-    # every disk of a package is exported whole, so each one defines its full size
-    hashers = [
-        ChunkHasher(ExtentMap.full(ext.size), ext, chunk_size_for(ext.size)) for _, _, ext in disks
-    ]
-    observed = [
-        _ObservedSource(src, h, progress) for (_, src, _), h in zip(disks, hashers, strict=True)
-    ]
-    chain = _OutputChain(out, encryption)
-    try:
-        members = [(info, obs, ext) for (info, _, ext), obs in zip(disks, observed, strict=True)]
-        write_ova(vm, members, chain.sink, None, options)
-        chain.finish()
-    finally:
-        for obs in observed:
-            obs.close()
-        chain.close()
-    wall = time.perf_counter() - started
-    reads = StageStats(sum(o.stats.bytes for o in observed), sum(o.stats.seconds for o in observed))
-    packaged = []
-    names = disk_member_names(vm, len(disks))
-    for (_, source, extents), hasher, name in zip(disks, hashers, names, strict=True):
-        chunks = (
-            hasher.finish()
-            if not hasher.stale
-            else hash_chunks(source, ExtentMap.full(extents.size), hasher.chunk, extents)
+
+class OvaExport(ExportStream):
+    """The whole VM as one OVA object, through the same stages as a disk export."""
+
+    def __init__(
+        self,
+        vm: Any,
+        disks: list[tuple[Any, Readable, ExtentMap]],
+        out: Sink,
+        options: Mapping[str, str] | None = None,
+        encryption: Any | None = None,
+        progress: Progress | None = None,
+    ):
+        self.started = time.perf_counter()
+        self.vm = vm
+        self.disks = disks
+        self.options = options
+        # every disk of a package is exported whole, so each one defines its full size
+        self.hashers = [
+            ChunkHasher(ExtentMap.full(ext.size), ext, chunk_size_for(ext.size))
+            for _, _, ext in disks
+        ]
+        self.observed = [
+            _ObservedSource(src, h, progress)
+            for (_, src, _), h in zip(disks, self.hashers, strict=True)
+        ]
+        super().__init__(self._write, out, encryption)
+
+    def _write(self, sink: Sink) -> None:
+        from hypersdk.formats.ova import write_ova
+
+        members = [
+            (info, self.staged(obs), ext)
+            for (info, _, ext), obs in zip(self.disks, self.observed, strict=True)
+        ]
+        try:
+            write_ova(self.vm, members, sink, None, self.options)
+        finally:
+            for obs in self.observed:
+                obs.close()
+
+    def result(self) -> tuple[list[PackagedDisk], StreamResult]:
+        from hypersdk.formats.ova import disk_member_names
+
+        wall = time.perf_counter() - self.started
+        packaged = []
+        names = disk_member_names(self.vm, len(self.disks))
+        for (_, source, extents), hasher, name in zip(self.disks, self.hashers, names, strict=True):
+            chunks = (
+                hasher.finish()
+                if not hasher.stale
+                else hash_chunks(source, ExtentMap.full(extents.size), hasher.chunk, extents)
+            )
+            packaged.append(
+                PackagedDisk(name, source.size, extents.data_bytes, chunks, hasher.chunk)
+            )
+        result = StreamResult(
+            virtual_size=sum(p.virtual_size for p in packaged),
+            data_bytes=sum(p.data_bytes for p in packaged),
+            defined_bytes=sum(p.virtual_size for p in packaged),
+            object_size=self.object_size,
+            object_blake3=self.object_hash.hexdigest(),
+            chunks=[],
+            encryption=self.encryption_params,
+            wall_seconds=wall,
+            stages=dict(self.stats),
         )
-        packaged.append(PackagedDisk(name, source.size, extents.data_bytes, chunks, hasher.chunk))
-    data = sum(p.data_bytes for p in packaged)
-    result = StreamResult(
-        virtual_size=sum(p.virtual_size for p in packaged),
-        data_bytes=data,
-        defined_bytes=sum(p.virtual_size for p in packaged),
-        object_size=chain.upload.stats.bytes,
-        object_blake3=chain.object_hash.hexdigest(),
-        chunks=[],
-        encryption=chain.encryption_params,
-        wall_seconds=wall,
-        stages=chain.stages(reads, data, wall),
-    )
-    return packaged, result
+        return packaged, result

@@ -46,7 +46,8 @@ class StageProgress:
         publish("start", stage, 0, total)
 
     def __call__(self, n: int) -> None:
-        self.done += n
+        with _lock:  # reads finish on several threads
+            self.done += n
         publish("advance", self.stage, n, self.total)
         if self._extra:
             self._extra(self.done, self.total or 0)

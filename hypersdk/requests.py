@@ -10,6 +10,7 @@ from hypersdk import config
 from hypersdk.errors import InvalidParameterError
 from hypersdk.extents import ExtentMap
 from hypersdk.formats import get_driver
+from hypersdk.urls import check_url
 
 
 class ExportRequest(BaseModel):
@@ -17,9 +18,7 @@ class ExportRequest(BaseModel):
 
     source: str = Field(default_factory=config.default_source_url, description="Source URL")
     target: str = Field(default_factory=config.default_target_url, description="Target URL")
-    vm: str | None = Field(
-        default=None, description="VM name or id; optional if the source holds one VM"
-    )
+    vm: str = Field(min_length=1, max_length=255, description="VM name or id on the source")
     format: str = "qcow2"
     format_options: dict[str, str] = Field(default_factory=dict)
     incremental: bool = True
@@ -44,10 +43,19 @@ class ExportRequest(BaseModel):
             raise ValueError("must not be empty")
         return value.strip()
 
+    @field_validator("source", "target", mode="after")
+    @classmethod
+    def _no_secrets(cls, value: str, info) -> str:
+        # URLs end up in parameters, logs, manifests and the Prefect database: a password or a
+        # secret option in one is refused before anything runs (the message never shows it)
+        return check_url(value, f"{info.field_name} URL")
+
 
 def validate_request(**params: Any) -> ExportRequest:
     """ExportRequest from keyword parameters, or InvalidParameterError with one readable line."""
-    params = {k: v for k, v in params.items() if v is not None or k in ("vm", "encryption")}
+    params = {k: v for k, v in params.items() if v is not None or k == "encryption"}
+    if not params.get("vm"):
+        raise InvalidParameterError("name the VM to export (vm=NAME)")
     try:
         req = ExportRequest(**params)
     except ValidationError as exc:
@@ -57,7 +65,7 @@ def validate_request(**params: Any) -> ExportRequest:
         raise InvalidParameterError(f"invalid {where}: {msg}") from None
     driver = get_driver(req.format)
     driver.check_options(req.format_options)
-    if driver.can_write and req.format != "ova":
+    if driver.can_write and driver.kind == "disk":
         # plan a tiny disk: catches values the names check cannot (and outputs that need side
         # files) before any snapshot is taken
         probe = driver.plan(1 << 20, ExtentMap.full(1 << 20), req.format_options)

@@ -60,7 +60,7 @@ class MigrationResult(BaseModel):
 
 def _stage_line(d: DiskResult) -> str:
     parts = []
-    for name in ("read", "convert", "encrypt", "upload"):
+    for name in ("download", "convert", "encrypt", "upload"):
         st = d.stages.get(name)
         if st and st.get("seconds", 0) > 0:
             parts.append(f"{name} {st['bytes'] / st['seconds'] / 1e6:,.0f} MB/s")
@@ -85,10 +85,10 @@ def render_text(r: MigrationResult) -> str:
         lines.append("  encrypted: yes (key never stored)")
     if r.ui_url:
         lines.append(f"  Prefect UI: {r.ui_url}")
-    elif r.flow_run_id:
+    elif r.flow_run_id:  # ran on an ephemeral API: the run is in the database, no UI is up
         lines.append(
-            f"  Prefect run {r.flow_run_id}: to see it in the UI, run `.venv/bin/prefect server start`"
-            f" and open http://127.0.0.1:4200/runs/flow-run/{r.flow_run_id}"
+            f"  Prefect run {r.flow_run_id} (no Prefect server was running: `hyperctl server "
+            "start` serves the UI with this run)"
         )
     return "\n".join(lines)
 

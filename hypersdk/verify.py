@@ -1,8 +1,13 @@
 """Verify an export against its manifest: the stored object's hash, then every logical chunk
-re-read through the format reader (decrypting on the fly when the export is encrypted)."""
+re-read through the format reader (decrypting on the fly when the export is encrypted).
+
+The manifest is untrusted (anyone who can write to the target can plant one): it is read with
+bounds and checks (hypersdk.manifest.read_manifest), and the objects it names must lie in its
+own export directory, so verifying never reads anything else on the target."""
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +17,8 @@ from hypersdk.errors import VerificationError
 from hypersdk.extents import ExtentMap
 from hypersdk.formats import get_driver
 from hypersdk.io import IO_CHUNK, read_pieces
-from hypersdk.manifest import ExportManifest, check_chunks
+from hypersdk.manifest import ZERO, check_chunks, key_problem, read_manifest
+from hypersdk.references import printable
 
 
 @dataclass
@@ -60,9 +66,34 @@ def _open_logical(disk, reader):
     raise VerificationError(f"{disk.key}: the package has no disk {disk.member!r}")
 
 
+def _check_keys(manifest_key: str, disks) -> None:
+    """Every object a manifest names lies in the manifest's own directory on the target."""
+    home = posixpath.normpath(manifest_key).lstrip("/").rpartition("/")[0]
+    for disk in disks:
+        problem = key_problem(disk.key)
+        if problem is None and home and not disk.key.startswith(home + "/"):
+            problem = f"is outside the manifest's directory {printable(home)}/"
+        if problem:
+            raise VerificationError(
+                f"{manifest_key}: disk {printable(disk.name)!r}: object key "
+                f"{printable(disk.key)!r} {problem}: refused"
+            )
+
+
+def _check_disk(image, chunks) -> list[int]:
+    """Offsets of the chunks ``image`` does not match. A hashed chunk past the image's end is a
+    mismatch without a read: a planted manifest cannot make verify read beyond the disk (zero
+    runs only read the image's own data extents)."""
+    inside = [c for c in chunks if c[2] == ZERO or c[0] + c[1] <= image.size]
+    past = [c[0] for c in chunks if c[2] != ZERO and c[0] + c[1] > image.size]
+    return sorted(check_chunks(image, inside, image.extents()) + past)
+
+
 def verify_export(target, manifest_key: str, encryption: Any | None = None) -> list[DiskVerdict]:
-    """Raise VerificationError on any mismatch; return the per-disk verdicts when all is well."""
-    manifest = ExportManifest.from_json(target.get_bytes(manifest_key))
+    """Raise VerificationError on any mismatch; return the per-disk verdicts when all is well.
+    A manifest that cannot be read is a FormatError naming it."""
+    manifest = read_manifest(target, manifest_key)
+    _check_keys(manifest_key, manifest.disks)
     verdicts = []
     for disk in manifest.disks:
         reader = target.open_reader(disk.key)
@@ -77,7 +108,7 @@ def verify_export(target, manifest_key: str, encryption: Any | None = None) -> l
             if logical_ok:
                 image = _open_logical(disk, logical)
                 try:
-                    bad = check_chunks(image, disk.chunks, image.extents())
+                    bad = _check_disk(image, disk.chunks)
                 finally:
                     image.close()
         finally:

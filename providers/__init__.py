@@ -13,7 +13,17 @@ from functools import cache
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from hypersdk.errors import InvalidParameterError
+from hypersdk.urls import SECRET_OPTIONS, check_url, is_secret_option, redact_url
 from providers.base import Source, Target
+
+__all__ = [
+    "SECRET_OPTIONS",
+    "open_source",
+    "open_target",
+    "source_classes",
+    "split_options",
+    "target_classes",
+]
 
 
 def _discover(package: str, attr: str) -> dict[str, type]:
@@ -45,21 +55,6 @@ def _scheme(url: str, default: str) -> str:
     return default if len(scheme) <= 1 else scheme.lower()
 
 
-# Option names that carry secrets: refused in URLs (URLs end up in logs, parameters, manifests).
-SECRET_OPTIONS = frozenset(
-    {
-        "password",
-        "access_key_id",
-        "secret_access_key",
-        "session_token",
-        "account_key",
-        "sas_token",
-        "connection_string",
-        "credentials_json",
-    }
-)
-
-
 def _coerce(value: str) -> str | int | float | bool:
     low = value.lower()
     if low in ("true", "false"):
@@ -76,14 +71,15 @@ def split_options(url: str) -> tuple[str, dict]:
     """``s3://b/p?storage_class=GLACIER&endpoint_url=...`` -> (``s3://b/p``, options).
 
     Options in the URL let one string carry a target's settings through flows and tasks; the
-    secrets among them are refused (they belong in env vars, files or Prefect Secret blocks).
+    secrets among them are refused (they belong in env vars, files or Prefect Secret blocks;
+    hypersdk.urls.check_url, which ``_open`` runs first, says so for the whole URL).
     """
     parts = urlsplit(url)
     if len(parts.scheme) <= 1 or not parts.query:
         return url, {}
     options = {}
     for name, value in parse_qsl(parts.query, keep_blank_values=True):
-        if name in SECRET_OPTIONS:
+        if is_secret_option(name):
             raise InvalidParameterError(
                 f"{name} must not be given in a URL: use the environment or a Prefect Secret block"
             )
@@ -93,7 +89,9 @@ def split_options(url: str) -> tuple[str, dict]:
 
 def _open(url: str, options: dict, kind: str, default: str, classes: dict[str, type]):
     """The provider ``classes`` registers for ``url``'s scheme, built from the URL and options
-    (explicit options win over those in the URL's query)."""
+    (explicit options win over those in the URL's query). A URL carrying a secret is refused
+    before anything else looks at it."""
+    check_url(url, f"{kind} URL")
     scheme = _scheme(url, default)
     url, from_url = split_options(url)
     try:
@@ -101,7 +99,7 @@ def _open(url: str, options: dict, kind: str, default: str, classes: dict[str, t
     except KeyError:
         known = ", ".join(sorted(classes))
         raise InvalidParameterError(
-            f"unknown {kind} scheme {scheme!r} in {url!r} (known: {known})"
+            f"unknown {kind} scheme {scheme!r} in {redact_url(url)!r} (known: {known})"
         ) from None
     return cls.from_url(url, **{**from_url, **options})
 

@@ -17,6 +17,8 @@ from hypersdk.extents import ExtentMap
 from hypersdk.io import RangeReader, Sink
 from hypersdk.models import DiskInfo, ObjectInfo, Snapshot, VMInfo
 
+Progress = Callable[[int], None]
+
 
 @dataclass
 class DiskChanges:
@@ -45,8 +47,6 @@ class Source(ABC):
     """A place VMs live: hypervisor, cloud, or the local directory provider."""
 
     schemes: ClassVar[tuple[str, ...]]
-    # Bytes-done callback for long operations (hash scans, downloads); set by tasks and the CLI.
-    progress: Callable[[int], None] | None = None
 
     @classmethod
     @abstractmethod
@@ -83,16 +83,27 @@ class Source(ABC):
             self.remove_snapshot(snap)
 
     @abstractmethod
-    def changed_extents(self, snap: Snapshot, disk: DiskInfo, since: str | None) -> DiskChanges:
+    def changed_extents(
+        self, snap: Snapshot, disk: DiskInfo, since: str | None, progress: Progress | None = None
+    ) -> DiskChanges:
         """Extents of ``disk`` to move: changed since ``since`` (a change id), or all data if None.
 
         A source that cannot honour ``since`` (lost or reset change id) returns a full map with
-        ``since=None`` and says why in ``note``: never silently less data.
+        ``since=None`` and says why in ``note``: never silently less data. ``progress`` hears
+        the bytes a long scan covers.
         """
 
     @abstractmethod
-    def open_disk(self, snap: Snapshot, disk: DiskInfo) -> RangeReader:
-        """Random reads of the snapshot's disk (the guest-visible bytes)."""
+    def open_disk(
+        self,
+        snap: Snapshot,
+        disk: DiskInfo,
+        planned: ExtentMap | None = None,
+        progress: Progress | None = None,
+    ) -> RangeReader:
+        """Random reads of the snapshot's disk (the guest-visible bytes). ``planned`` are the
+        extents the export will read, in order (a source may fetch them ahead); ``progress``
+        hears the bytes fetched."""
 
     def change_tracker(
         self, snap: Snapshot, disk: DiskInfo, changes: DiskChanges
@@ -101,6 +112,9 @@ class Source(ABC):
         snapshot's change state from the export's own reads (one read pass instead of two).
         Sources with native change tracking (or state already recorded) return None."""
         return None
+
+    def preflight(self, vm: VMInfo) -> None:
+        """Check, without side effects, that ``vm``'s disks can be read (before any run)."""
 
     def verify_snapshot(self, snap: Snapshot) -> None:
         """Raise SnapshotError if the point-in-time view was disturbed while it was read
@@ -177,6 +191,10 @@ class Target(ABC):
             return r.read(0, r.size)
         finally:
             r.close()
+
+    def preflight(self) -> None:
+        """Check, without side effects, that the target can take objects (before any run):
+        TargetError (or CredentialsError) with one line if not."""
 
     def location(self, key: str) -> str:
         """A human-readable URL for ``key`` (for summaries)."""

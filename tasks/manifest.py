@@ -2,40 +2,45 @@
 
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from hypersdk.errors import HyperSDKError
-from hypersdk.manifest import ExportManifest
+from hypersdk.manifest import ExportManifest, read_manifest
+from hypersdk.repository import manifest_key, manifest_keys, vm_prefix
 from providers import open_target
 from tasks.common import io_task_options
 
-MANIFEST_NAME = "manifest.json"
 
-
-def manifest_key(vm: str, export_id: str) -> str:
-    return f"{vm}/{export_id}/{MANIFEST_NAME}"
-
-
-def list_exports(target, vm: str) -> list[str]:
-    """Manifest keys of the VM's complete exports, oldest first (export ids sort by time)."""
-    return sorted(o.key for o in target.list(f"{vm}/") if o.key.endswith(f"/{MANIFEST_NAME}"))
-
-
-@task(name="find-previous-export", cache_policy=NO_CACHE, **io_task_options(2))
+@task(
+    name="find-previous-export",
+    task_run_name="find-previous-export",
+    cache_policy=NO_CACHE,
+    **io_task_options(2),
+)
 def find_previous_export(target_url: str, vm: str) -> list[ExportManifest]:
-    """The VM's export history on this target, newest first (unreadable manifests skipped)."""
-    history = []
+    """The VM's export history on this target, newest first. A manifest that cannot be read
+    is an error naming it, never skipped: skipping would silently move a delta's base."""
     with open_target(target_url) as target:
-        for key in reversed(list_exports(target, vm)):
-            try:
-                history.append(ExportManifest.from_json(target.get_bytes(key)))
-            except (HyperSDKError, ValueError):
-                continue
+        keys = manifest_keys([o.key for o in target.list(vm_prefix(vm))], vm)
+        history = [read_manifest(target, key) for key in reversed(keys)]
+    if history:
+        get_run_logger().info(
+            "%d previous export(s) of %r on %s, newest %s (%s)",
+            len(history),
+            vm,
+            target_url,
+            history[0].export_id,
+            history[0].kind,
+        )
     return history
 
 
-@task(name="publish-manifest", cache_policy=NO_CACHE, **io_task_options(3))
+@task(
+    name="publish-manifest",
+    task_run_name="publish-manifest",
+    cache_policy=NO_CACHE,
+    **io_task_options(3),
+)
 def publish_manifest(target_url: str, manifest: ExportManifest) -> str:
     key = manifest_key(manifest.vm.name, manifest.export_id)
     with open_target(target_url) as target:

@@ -10,13 +10,18 @@ from providers import open_source
 from tasks.common import io_task_options
 
 
-@task(name="snapshot", cache_policy=NO_CACHE, **io_task_options(2))
+@task(name="snapshot", task_run_name="snapshot", cache_policy=NO_CACHE, **io_task_options(2))
 def take_snapshot(source_url: str, vm: str) -> Snapshot:
     with open_source(source_url) as source:
         return source.create_snapshot(vm)
 
 
-@task(name="remove-snapshot", cache_policy=NO_CACHE, **io_task_options(3))
+@task(
+    name="remove-snapshot",
+    task_run_name="remove-snapshot",
+    cache_policy=NO_CACHE,
+    **io_task_options(3),
+)
 def release_snapshot(source_url: str, snap: Snapshot) -> None:
     with open_source(source_url) as source:
         source.remove_snapshot(snap)

@@ -1,25 +1,100 @@
-"""The data path of one disk: download -> convert -> encrypt -> upload, as one stream.
+"""The data path of one disk: download -> convert -> (encrypt) -> upload, one Prefect task each.
 
-These four steps are one task because they are one stream (no staging copy between them); the
-result reports each stage's bytes and time, so the run shows where the time went.
+The four stages run at once over bounded in-memory streams (hypersdk.stages), so nothing is
+staged on disk; each is a task of its own, so the flow graph shows every stage with its
+duration, and its log line gives its bytes and throughput. A stream cannot resume half-way, so
+retries are per disk: a transient failure (the error class says so) runs the disk again.
 """
 
 from __future__ import annotations
 
+import functools
 import posixpath
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
 
+from hypersdk.errors import HyperSDKError
 from hypersdk.formats import get_driver
 from hypersdk.manifest import DiskManifest
 from hypersdk.models import DiskInfo, Snapshot
-from hypersdk.pipeline import StreamResult, export_ova_stream, export_stream
+from hypersdk.pipeline import ExportStream, StreamResult, export_ova_stream, export_stream
+from hypersdk.stages import StageStats
+from hypersdk.units import human
 from providers import open_source, open_target
 from providers.base import DiskChanges
-from tasks.common import io_task_options, stage_progress
+from tasks.common import RETRY_DELAYS, is_transient, stage_progress
+
+DISK_ATTEMPTS = 3  # a disk's stream is run again after a transient failure, up to this often
+
+_STAGE_DOCS = {
+    "download": "Read the planned extents of the source disk (all reads of the stream).",
+    "convert": "Write the target format from the downloaded data (the format writer).",
+    "encrypt": "Seal the converted stream into the AES-256-GCM container (or GPG).",
+    "upload": "Hash the stored bytes and write them to the target object.",
+}
+
+
+def _run_stage(stream: ExportStream, stage: str, disk: str) -> dict[str, float]:
+    stats = stream.run_stage(stage)
+    get_run_logger().info("%s", describe(stage, disk, stats))
+    return stats.as_dict()
+
+
+def describe(stage: str, disk: str, stats: StageStats) -> str:
+    rate = f", {stats.mb_per_s:,.0f} MB/s" if stats.busy > 0.001 else ""
+    return (
+        f"{stage} of {disk}: {human(stats.bytes)} in {stats.wall:.2f} s "
+        f"({stats.busy:.2f} s busy{rate})"
+    )
+
+
+def _stage_task(stage: str):
+    def run(stream: ExportStream, disk: str) -> dict[str, float]:
+        return _run_stage(stream, stage, disk)
+
+    run.__name__ = stage
+    run.__doc__ = _STAGE_DOCS[stage]
+    return task(name=stage, task_run_name=f"{stage}-{{disk}}", cache_policy=NO_CACHE)(run)
+
+
+STAGE_TASKS = {stage: _stage_task(stage) for stage in _STAGE_DOCS}
+
+
+def run_stages_as_tasks(stream: ExportStream, disk: str) -> None:
+    """Runner for hypersdk.pipeline: every stage as a Prefect task, all at once (the flow's
+    task runner must have a thread for each). A stage task that ends without running (an
+    orchestration failure) stops the others, so none waits forever."""
+    futures = [STAGE_TASKS[name].submit(stream, disk) for name in stream.stage_names]
+    for fut in as_completed(futures):
+        outcome = fut.result(raise_on_failure=False)
+        if isinstance(outcome, BaseException) and stream.failure is None:
+            stream.abort(outcome)
+        elif not isinstance(outcome, dict) and stream.failure is None:
+            stream.abort(HyperSDKError(f"a stage task ended {fut.state.name}"))
+    if stream.failure is not None:
+        raise stream.failure
+
+
+def with_disk_retries(what: str, attempt: Callable[[], Any]) -> Any:
+    """Run ``attempt`` again after a failure a retry can heal, with backoff; others raise."""
+    delays = RETRY_DELAYS(DISK_ATTEMPTS - 1)
+    for n in range(DISK_ATTEMPTS):
+        try:
+            return attempt()
+        except Exception as exc:
+            if n == DISK_ATTEMPTS - 1 or not is_transient(exc):
+                raise
+            delay = delays[n]
+            get_run_logger().warning(
+                "%s: attempt %d failed (%s): trying again in %d s", what, n + 1, exc, delay
+            )
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def delta_options(
@@ -33,12 +108,6 @@ def delta_options(
     return get_driver(fmt).check_options(out)
 
 
-@task(
-    name="export-disk",
-    cache_policy=NO_CACHE,
-    task_run_name="export-{disk.name}",
-    **io_task_options(3),
-)
 def export_disk(
     source_url: str,
     snap: Snapshot,
@@ -51,32 +120,42 @@ def export_disk(
     base_key: str | None = None,
     encryption: Any | None = None,
 ) -> tuple[DiskManifest, dict]:
-    """Stream one disk into ``key`` on the target; nothing is visible there unless it all worked."""
+    """Stream one disk into ``key`` on the target; nothing is visible there unless it all
+    worked. Runs in the flow: the stages are its tasks."""
     options = delta_options(fmt, key, base_key, format_options)
-    with open_source(source_url) as source, open_target(target_url) as target:
-        reader = source.open_disk(snap, disk)
-        progress = stage_progress("export", changes.extents.data_bytes, f"Export of {disk.name}")
-        # a source that tracks changes by hashing the data records them from this export's reads
-        tracker = source.change_tracker(snap, disk, changes)
-        try:
-            with target.open_writer(key) as writer:
-                result = export_stream(
-                    reader,
-                    changes.extents,
-                    full=not changes.incremental,
-                    fmt=fmt,
-                    out=writer,
-                    options=options,
-                    encryption=encryption,
-                    progress=progress,
-                    observers=[tracker] if tracker else (),
-                )
-                source.verify_snapshot(snap)  # before commit: a disturbed view is never published
-        finally:
-            progress.close()
-            reader.close()
-        if tracker:  # the export is published: its change id becomes usable
-            tracker.commit()
+
+    def attempt() -> StreamResult:
+        with open_source(source_url) as source, open_target(target_url) as target:
+            # a source that tracks changes by hashing the data records them from these reads
+            tracker = source.change_tracker(snap, disk, changes)
+            reader = source.open_disk(snap, disk, changes.extents)
+            try:
+                with (
+                    stage_progress(
+                        "export", changes.extents.data_bytes, f"Export of {disk.name}"
+                    ) as progress,
+                    target.open_writer(key) as writer,
+                ):
+                    result = export_stream(
+                        reader,
+                        changes.extents,
+                        full=not changes.incremental,
+                        fmt=fmt,
+                        out=writer,
+                        options=options,
+                        encryption=encryption,
+                        progress=progress,
+                        observers=[tracker] if tracker else (),
+                        runner=functools.partial(run_stages_as_tasks, disk=disk.name),
+                    )
+                    source.verify_snapshot(snap)  # before commit: never publish a disturbed view
+            finally:
+                reader.close()
+            if tracker:  # the export is published: its change id becomes usable
+                tracker.commit()
+            return result
+
+    result = with_disk_retries(f"export of {disk.name}", attempt)
     manifest = DiskManifest(
         name=disk.name,
         virtual_size=result.virtual_size,
@@ -99,16 +178,13 @@ def export_disk(
 
 
 def _stats(result: StreamResult) -> dict:
-    """Per-stage timings for the summary (skipped bytes follow from the manifest)."""
+    """Per-stage figures for the summary (skipped bytes follow from the manifest)."""
     return {
         "wall_seconds": result.wall_seconds,
-        "stages": {k: {"bytes": v.bytes, "seconds": v.seconds} for k, v in result.stages.items()},
+        "stages": {k: v.as_dict() for k, v in result.stages.items()},
     }
 
 
-@task(
-    name="export-package", cache_policy=NO_CACHE, task_run_name="export-ova", **io_task_options(3)
-)
 def export_package(
     source_url: str,
     snap: Snapshot,
@@ -118,36 +194,45 @@ def export_package(
     format_options: Mapping[str, str] | None = None,
     encryption: Any | None = None,
 ) -> tuple[list[DiskManifest], dict]:
-    """The whole VM as one OVA object: descriptor, manifest and every disk, in one stream."""
+    """The whole VM as one OVA object: descriptor, manifest and every disk, in one stream
+    whose stages are tasks, as for a disk."""
     disks = [sd.disk for sd in snap.disks]
-    with open_source(source_url) as source, open_target(target_url) as target:
-        readers = [source.open_disk(snap, d) for d in disks]
-        total = sum(changes[d.name].extents.data_bytes for d in disks)
-        progress = stage_progress("export", 2 * total, "OVA export (two passes)")
-        try:
-            with target.open_writer(key) as writer:
-                packaged, result = export_ova_stream(
-                    snap.vm,
-                    [(d, r, changes[d.name].extents) for d, r in zip(disks, readers, strict=True)],
-                    writer,
-                    # "name" names a single-disk OVA in `hyperctl convert`; here the VM names it
-                    options={
-                        k: v
-                        for k, v in get_driver("ova").check_options(format_options).items()
-                        if k != "name"
-                    },
-                    encryption=encryption,
-                    progress=progress,
-                )
-                source.verify_snapshot(snap)
-        finally:
-            progress.close()
-            for r in readers:
-                r.close()
-        for d in disks:  # change state for the next run (a package's reads are not observed)
-            tracker = source.change_tracker(snap, d, changes[d.name])
-            if tracker:
-                tracker.commit()
+    options = {  # "name" names a single-disk OVA in `hyperctl convert`; here the VM names it
+        k: v for k, v in get_driver("ova").check_options(format_options).items() if k != "name"
+    }
+
+    def attempt():
+        with open_source(source_url) as source, open_target(target_url) as target:
+            readers = [source.open_disk(snap, d, changes[d.name].extents) for d in disks]
+            total = sum(changes[d.name].extents.data_bytes for d in disks)
+            try:
+                with (
+                    stage_progress("export", 2 * total, "OVA export (two passes)") as progress,
+                    target.open_writer(key) as writer,
+                ):
+                    out = export_ova_stream(
+                        snap.vm,
+                        [
+                            (d, r, changes[d.name].extents)
+                            for d, r in zip(disks, readers, strict=True)
+                        ],
+                        writer,
+                        options=options,
+                        encryption=encryption,
+                        progress=progress,
+                        runner=functools.partial(run_stages_as_tasks, disk="ova"),
+                    )
+                    source.verify_snapshot(snap)
+            finally:
+                for r in readers:
+                    r.close()
+            for d in disks:  # change state for the next run (a package's reads are not observed)
+                tracker = source.change_tracker(snap, d, changes[d.name])
+                if tracker:
+                    tracker.commit()
+            return out
+
+    packaged, result = with_disk_retries("OVA export", attempt)
     manifests = [
         DiskManifest(
             name=d.name,

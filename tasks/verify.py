@@ -12,7 +12,9 @@ from providers import open_target
 from tasks.common import io_task_options
 
 
-@task(name="verify-export", cache_policy=NO_CACHE, **io_task_options(2))
+@task(
+    name="verify-export", task_run_name="verify-export", cache_policy=NO_CACHE, **io_task_options(2)
+)
 def verify(target_url: str, manifest_key: str, encryption: Any | None = None) -> int:
     """Returns the number of chunks checked; raises VerificationError on any mismatch."""
     with open_target(target_url) as target:

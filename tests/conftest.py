@@ -17,6 +17,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# A test that runs a flow through the CLI without PREFECT_API_URL must not leave a managed
+# Prefect server behind (tests of the managed server set this themselves).
+os.environ.setdefault("HYPERSDK_PREFECT_SERVER", "off")
 
 # tools first: the other plugins import it.
 pytest_plugins = ["tests.fixtures.tools"] + sorted(

@@ -3,6 +3,7 @@ refused with DecryptionError and no plaintext published under the final name."""
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import random
@@ -324,3 +325,86 @@ def test_encrypt_file_qemu_compare(tmp_path):
     assert params["method"] == "aes-container" and params["chunk_size"] == 1024 * 1024
     decrypt_file(tmp_path / "disk.enc", tmp_path / f"back.{fmt}", spec)
     qemu.compare(src, tmp_path / f"back.{fmt}", "raw", fmt)
+
+
+# --- KDF costs a header may ask for -----------------------------------------------------------
+
+SCRYPT, ARGON2 = 1, 2
+
+
+@functools.cache
+def _passphrase_blob() -> bytes:
+    return seal(b"x" * 100, KeyMaterial.from_passphrase("p", kdf_params=CHEAP))
+
+
+def _with_kdf(kdf: int, params: tuple[int, int, int]) -> bytes:
+    """A real container whose header asks for ``params`` (its wrap tag no longer matches: the
+    point is what happens before anything can check it)."""
+    blob = bytearray(_passphrase_blob())
+    blob[9] = kdf
+    struct.pack_into(">III", blob, 12, *params)
+    return bytes(blob)
+
+
+WRITTEN = [  # what this code writes (defaults, the test parameters) and the cap's edge
+    (SCRYPT, (17, 8, 1)),
+    (SCRYPT, (14, 8, 1)),
+    (SCRYPT, (18, 8, 1)),  # 256 MiB, N*r*p = 2**21: the caps exactly
+    (SCRYPT, (10, 64, 16)),
+    (ARGON2, (3, 64 * 1024, 4)),
+    (ARGON2, (1, 8 * 1024, 1)),
+    (ARGON2, (1, 256 * 1024, 4)),
+]
+COSTLY = [
+    (SCRYPT, (23, 1, 16)),  # passed the old checks, then MemoryError
+    (SCRYPT, (20, 8, 1)),  # 1 GiB: passed the old 1 GiB cap
+    (SCRYPT, (17, 8, 16)),  # the default's memory, 16 times its work
+    (SCRYPT, (19, 8, 1)),  # 512 MiB
+    (SCRYPT, (16, 1, 1)),  # N >= 2^(16 r): scrypt itself forbids it
+    (ARGON2, (3, 1024 * 1024, 4)),  # 1 GiB
+    (ARGON2, (16, 256 * 1024, 1)),  # 16 passes over 256 MiB
+]
+
+
+@pytest.mark.parametrize(("kdf", "params"), COSTLY)
+def test_costly_kdf_params_refused_before_the_kdf(kdf, params):
+    for ok_kdf, ok_params in WRITTEN:  # what we write (and the caps' edge) is still read
+        assert parse_header(_with_kdf(ok_kdf, ok_params)).kdf_params == ok_params
+        name = "scrypt" if ok_kdf == SCRYPT else "argon2id"
+        KeyMaterial.from_passphrase("p", kdf=name, kdf_params=ok_params).kdf_choice()
+    blob = _with_kdf(kdf, params)
+    with pytest.raises(DecryptionError, match="refused") as exc:
+        parse_header(blob, "in.enc")
+    shown = f"N=2^{params[0]}" if kdf == SCRYPT else f"m={params[1]} KiB"
+    assert "in.enc" in str(exc.value) and shown in str(exc.value)
+    # nor would we write them
+    name = "scrypt" if kdf == SCRYPT else "argon2id"
+    with pytest.raises(InvalidParameterError, match="refused"):
+        KeyMaterial.from_passphrase("p", kdf=name, kdf_params=params).kdf_choice()
+
+
+@pytest.mark.parametrize("params", [(23, 1, 16), (20, 8, 16)])
+def test_kdf_dos_header_in_a_child_under_a_memory_limit(params, tmp_path):
+    """The whole decrypt path (hyperctl decrypt's) under 1 GiB of address space: a clear
+    DecryptionError in well under the timeout, never MemoryError or a minute of scrypt."""
+    src = tmp_path / "evil.enc"
+    src.write_bytes(_with_kdf(SCRYPT, params))
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+        "from hypersdk.crypto import KeyMaterial, decrypt_file\n"
+        "from hypersdk.errors import DecryptionError\n"
+        "try:\n"
+        "    decrypt_file(sys.argv[1], sys.argv[2], KeyMaterial.from_passphrase('p'))\n"
+        "except DecryptionError as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(src), str(tmp_path / "out.raw")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0 and res.stdout.startswith("refused:"), res.stdout + res.stderr
+    assert f"N=2^{params[0]}" in res.stdout and "Traceback" not in res.stderr
+    assert not (tmp_path / "out.raw").exists()

@@ -12,6 +12,7 @@ from hypersdk.imagegen import write_realistic_disk
 from providers.sources.local import create_vm
 from tests import qemu
 from tests.fixtures.prefect_server import stop
+from tests.run_story import assert_tells_the_story, latest_flow_run
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
@@ -93,6 +94,8 @@ def test_deploy_run_with_worker(prefect_server, tmp_path, qemu_img):
         log = (tmp_path / "worker.log").read_text(errors="replace")
         assert run.returncode == 0, run.stdout + run.stderr + log[-3000:]
         assert "COMPLETED" in (run.stdout + run.stderr).upper()
+        # a worker's run tells the same story in the UI as a CLI run
+        assert_tells_the_story(api, latest_flow_run(api, "migrate-vm"))
     finally:
         stop(worker)
         worker_log.close()

@@ -55,7 +55,7 @@ def test_full_then_incremental_qcow2(prefect_api, vm_root, tmp_path, qemu_img):
     assert r2.kind == "incremental" and d2.incremental and d2.base_key == r1.disks[0].key
     # only the changed blocks were read from the source
     assert d2.data_bytes == sum(min(BS, os.path.getsize(disk) - o) for o in changed)
-    assert d2.stages["read"]["bytes"] == d2.data_bytes
+    assert d2.stages["download"]["bytes"] == d2.data_bytes
     out2 = target / d2.key
     assert qemu.info(out2)["backing-filename"].startswith("../")
     qemu.check(out2, "qcow2")
@@ -74,15 +74,36 @@ def test_raw_export_and_single_vm_source(prefect_api, vm_root, tmp_path, qemu_im
     from flows.migrate import migrate_vm
 
     target = tmp_path / "out"
-    r = migrate_vm(source=str(vm_root / "app01"), target=str(target), format="raw")
+    r = migrate_vm(source=str(vm_root / "app01"), target=str(target), vm="app01", format="raw")
     qemu.compare(vm_root / "app01/disk0.img", target / r.disks[0].key, "raw", "raw")
     st = os.stat(target / r.disks[0].key)
     assert st.st_blocks * 512 < st.st_size  # sparse
 
 
+def _flow_runs() -> int:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def count():
+        async with get_client() as client:
+            return len(await client.read_flow_runs())
+
+    return asyncio.run(count())
+
+
 def test_bad_parameters_are_clear(prefect_api, vm_root, tmp_path):
+    """Every mistake a run can find without side effects is one typed error, raised before a
+    flow run exists."""
     from flows.migrate import migrate_vm
 
+    runs = _flow_runs()
+    blocker = tmp_path / "file-not-dir"
+    blocker.write_text("x")
+    with pytest.raises(TargetError, match="not a directory"):
+        migrate_vm(source=str(vm_root), target=str(blocker / "exports"), vm="app01")
+    with pytest.raises(InvalidParameterError, match="name the VM"):
+        migrate_vm(source=str(vm_root), target=str(tmp_path / "o"), vm="")
     with pytest.raises(HyperSDKError, match="unknown format 'vhdz'"):
         migrate_vm(source=str(vm_root), target=str(tmp_path / "o"), vm="app01", format="vhdz")
     with pytest.raises(InvalidParameterError, match="no option"):
@@ -96,17 +117,22 @@ def test_bad_parameters_are_clear(prefect_api, vm_root, tmp_path):
         migrate_vm(source=str(vm_root), target=str(tmp_path / "o"), vm="nosuch")
     with pytest.raises(InvalidParameterError, match="unknown source scheme"):
         migrate_vm(source="ftp://x/y", target=str(tmp_path / "o"), vm="app01")
+    with pytest.raises(HyperSDKError, match="does not exist"):
+        migrate_vm(source=str(tmp_path / "no-such-dir"), target=str(tmp_path / "o"), vm="app01")
     assert not (tmp_path / "o").exists()
+    assert _flow_runs() == runs  # none of them created a flow run
 
 
 def test_failure_removes_snapshot_and_publishes_nothing(prefect_api, vm_root, tmp_path):
     from flows.migrate import migrate_vm
 
-    blocker = tmp_path / "file-not-dir"
-    blocker.write_text("x")
+    target = tmp_path / "exports"
+    target.mkdir()
+    (target / "app01").write_text("x")  # passes the pre-run check, fails the disk's upload
     with pytest.raises(TargetError):
-        migrate_vm(source=str(vm_root), target=str(blocker / "exports"), vm="app01")
+        migrate_vm(source=str(vm_root), target=str(target), vm="app01")
     assert not _snapshots_left(vm_root)
+    assert (target / "app01").read_text() == "x"
 
 
 def test_manifest_detects_tampering(prefect_api, vm_root, tmp_path, qemu_img):

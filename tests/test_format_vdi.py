@@ -145,6 +145,20 @@ def test_malformed(tmp_path):
         _open_bytes(bytes(diff))
 
 
+def test_shared_and_misplaced_blocks_refused(tmp_path):
+    """Two map entries naming one data block, or data over the block map: refused at open (a
+    header can claim any number of such blocks; the file bounds how many honest ones fit)."""
+    good = _small(tmp_path)
+    shared = bytearray(good)
+    struct.pack_into("<I", shared, 512 + 4 * 4, 0)  # guest block 4 -> data block 0, as block 0
+    with pytest.raises(FormatError, match="bad.vdi: VDI block map places blocks 0 and 4"):
+        _open_bytes(bytes(shared))
+    over_map = bytearray(good)
+    struct.pack_into("<I", over_map, 0x158, 512)  # the data area starts inside the map
+    with pytest.raises(FormatError, match="over the block map"):
+        _open_bytes(bytes(over_map))
+
+
 def test_fuzz_reader(tmp_path):
     good = _small(tmp_path)
     refused = fuzz_reader("vdi", good, [(0x40, 0x1C8 - 0x40), (512, 20)], seed=2)

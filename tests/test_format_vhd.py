@@ -303,6 +303,22 @@ def test_malformed(tmp_path):
         _open_bytes(good[:-512] + bytes(diff))
 
 
+def test_shared_and_misplaced_blocks_refused(tmp_path):
+    """Two BAT entries naming one block, or a block over the BAT: refused at open (a header can
+    claim any number of such blocks; the file bounds how many honest ones fit)."""
+    good = _small_dynamic(tmp_path)
+    first, third = struct.unpack_from(">I", good, 1536)[0], struct.unpack_from(">I", good, 1544)
+    assert third[0] != 0xFFFFFFFF  # blocks 0 and 2 hold data
+    shared = bytearray(good)
+    struct.pack_into(">I", shared, 1544, first)
+    with pytest.raises(FormatError, match="bad.vhd: VHD BAT places blocks 0 and 2"):
+        _open_bytes(bytes(shared))
+    over_bat = bytearray(good)
+    struct.pack_into(">I", over_bat, 1536, 3)  # sector 3: the BAT itself
+    with pytest.raises(FormatError, match="over the block allocation table"):
+        _open_bytes(bytes(over_bat))
+
+
 def test_fuzz_reader(tmp_path):
     good = _small_dynamic(tmp_path)
     regions = [(0, 512), (512, 1024), (1536, 512), (len(good) - 512, 512)]

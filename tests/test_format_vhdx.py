@@ -255,6 +255,20 @@ def test_malformed(tmp_path):
         _open_bytes(bytes(diff))
 
 
+def test_shared_and_misplaced_blocks_refused(tmp_path):
+    """Two BAT entries naming one block, or a block over the metadata region: refused at open,
+    as qemu refuses region overlaps (the file bounds how many honest blocks fit)."""
+    good = _small(tmp_path)
+    shared = bytearray(good)
+    struct.pack_into("<Q", shared, 3 * MiB + 4 * 8, 4 * MiB | L.FULLY_PRESENT)
+    with pytest.raises(FormatError, match="bad.vhdx: VHDX BAT places blocks 0 and 4"):
+        _open_bytes(bytes(shared))
+    over_meta = bytearray(good)
+    struct.pack_into("<Q", over_meta, 3 * MiB, 2 * MiB | L.FULLY_PRESENT)
+    with pytest.raises(FormatError, match="over the metadata region"):
+        _open_bytes(bytes(over_meta))
+
+
 def test_fuzz_reader(tmp_path):
     good = _small(tmp_path)
     regions = [(0, 16), (64 * 1024, 80), (128 * 1024, 80), (192 * 1024, 80), (256 * 1024, 80),

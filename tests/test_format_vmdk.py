@@ -1,5 +1,6 @@
 """VMDK driver: our writers judged by qemu-img (check, compare), our reader judged against images
-qemu-img made in every subformat, refusals, a round-trip property and a reader fuzz."""
+qemu-img made in every subformat and against parent chains (deltas) qemu-img and qemu-io made,
+refusals, a round-trip property and a reader fuzz."""
 
 from __future__ import annotations
 
@@ -320,11 +321,12 @@ def test_refusals(small_images, tmp_path):
     desc.write_text('# Disk DescriptorFile\nversion=1\ncreateType="vmfsSparse"\nRW 8 SPARSE "x"\n')
     with pytest.raises(UnsupportedFormatError, match="createType"):
         open_image(desc, "vmdk")
-    desc.write_text(
+    (tmp_path / "x-flat.vmdk").write_bytes(bytes(4096))
+    desc.write_text(  # a delta that does not say which disk it is a delta of
         '# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=12345678\ncreateType="monolithicFlat"\n'
-        'RW 8 FLAT "x-flat.vmdk" 0\nparentFileNameHint="base.vmdk"\n'
+        'RW 8 FLAT "x-flat.vmdk" 0\n'
     )
-    with pytest.raises(UnsupportedFormatError, match="parent"):
+    with pytest.raises(FormatError, match="parentCID 12345678.* names no parent"):
         open_image(desc, "vmdk")
     desc.write_text('# Disk DescriptorFile\ncreateType="monolithicFlat"\nRW 8 FLAT "../etc/x" 0\n')
     with pytest.raises(FormatError, match=r"\.\."):
@@ -461,7 +463,7 @@ def test_fuzz_text_descriptor(tmp_path):
 def test_stream_optimized_deflates_on_two_threads(tmp_path, monkeypatch):
     import threading
 
-    from hypersdk.formats import vmdk
+    from hypersdk.formats import _vmdk_writer as vmdk
 
     seen: set[str] = set()
     real = vmdk._deflate_grains
@@ -476,3 +478,131 @@ def test_stream_optimized_deflates_on_two_threads(tmp_path, monkeypatch):
     convert_file(src, dst, "vmdk", options={"subformat": "streamOptimized"})
     qemu.compare(src, dst, "raw", "vmdk")
     assert len(seen) == 2 and all(n.startswith("vmdk-deflate") for n in seen), seen
+
+
+# ----------------------------------------------------------------------- parent chains (deltas)
+def _qemu_io(image: Path, *commands: str) -> None:
+    import subprocess
+
+    from tests.fixtures.tools import need_tool
+
+    args = [need_tool("qemu-io"), "-f", "vmdk"]
+    for c in commands:
+        args += ["-c", c]
+    res = subprocess.run([*args, str(image)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "failed" not in res.stdout + res.stderr, res.stdout + res.stderr
+
+
+def _child(path: Path, parent: Path, *opts: str, size: str | None = None) -> Path:
+    """A VMDK delta over ``parent`` made by qemu-img (it writes parentFileNameHint and the
+    parent's CID as parentCID)."""
+    args = ["create", "-q", "-f", "vmdk", *opts, "-b", parent.name, "-F", "vmdk", str(path)]
+    res = qemu.run(*args, *([size] if size else []))
+    assert res.returncode == 0, res.stderr
+    return path
+
+
+def _qemu_map(path: Path) -> list[dict]:
+    import json
+
+    res = qemu.run("map", "-f", "vmdk", "--output=json", str(path))
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def _runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, n in pairs:
+        if out and out[-1][0] + out[-1][1] == a:
+            out[-1] = (out[-1][0], out[-1][1] + n)
+        elif n:
+            out.append((a, n))
+    return out
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory) -> dict[str, Path]:
+    """base (monolithicSparse, data in its first MiB and at 3 MiB) <- mid (monolithicSparse,
+    zeroed grains: a zero grain over base data, partial grains) <- top (twoGbMaxExtentSparse,
+    data of its own) <- big (8 MiB over the 4 MiB top: past the parent's end); all by qemu."""
+    d = tmp_path_factory.mktemp("vmdk-chain")
+    base = d / "base.vmdk"
+    assert qemu.run("create", "-q", "-f", "vmdk", str(base), "4M").returncode == 0
+    _qemu_io(base, "write -P 0x11 0 1M", "write -P 0x33 3M 64k", "write -P 0x55 100k 3k")
+    mid = _child(d / "mid.vmdk", base, "-o", "zeroed_grain=on")
+    _qemu_io(mid, "write -z 0 64k", "write -P 0x22 130k 1k", "write -P 0x66 3M 512")
+    top = _child(d / "top.vmdk", mid, "-o", "subformat=twoGbMaxExtentSparse")
+    _qemu_io(top, "write -P 0x44 200k 8k", "write -P 0x77 2M 64k")
+    big = _child(d / "big.vmdk", top, size="8M")
+    _qemu_io(big, "write -P 0x88 6M 4k")
+    return {"base": base, "mid": mid, "top": top, "big": big}
+
+
+@pytest.mark.parametrize("name", ["mid", "top", "big"])
+def test_chain_reads_like_qemu(chain, tmp_path, name):
+    """A delta reads its own grains and its parents' elsewhere, byte for byte as qemu-img
+    convert flattens it; the data map is qemu's, its own map qemu's depth 0."""
+    image = chain[name]
+    want = tmp_path / "qemu.raw"
+    qemu.convert(image, want, "vmdk", "raw")
+    ours = tmp_path / "ours.raw"
+    convert_file(image, ours, "raw")
+    expected = want.read_bytes()
+    assert ours.read_bytes() == expected
+    qmap = _qemu_map(image)
+    with open_image(image) as img:
+        assert img.virtual_size == len(expected)
+        rng = random.Random(name)
+        for _ in range(100):  # unaligned reads across grains of every layer and past the parent
+            off = rng.randrange(len(expected))
+            n = rng.randrange(min(len(expected) - off, 300_000) + 1)
+            assert img.read(off, n) == expected[off : off + n]
+        data = [(e.offset, e.length) for e in img.extents()]
+        assert data == _runs([(m["start"], m["length"]) for m in qmap if m["data"]])
+        own = [(e.offset, e.length) for e in img.own_extents()]
+        assert own == _runs(
+            [(m["start"], m["length"]) for m in qmap if m["data"] and not m["depth"]]
+        )
+        assert not img.extents().has_zero_extents
+        assert img.check() == []
+        info = img.info()
+        parent = {"mid": "base", "top": "mid", "big": "top"}[name]
+        assert info["backing_file"] == f"{parent}.vmdk" and info["backing_format"] == "vmdk"
+        assert img.backing is not None and img.backing.name == str(chain[parent].resolve())
+        assert info["parent_cid"] == img.backing.info()["cid"]
+        depth, b = 0, img.backing
+        while b is not None:
+            depth, b = depth + 1, b.backing
+        assert depth == {"mid": 1, "top": 2, "big": 3}[name]
+    # the zero grain hides the base's data; unallocated grains show it
+    assert expected[:65536] == bytes(65536) and expected[65536:65600] == b"\x11" * 64
+
+
+def test_chain_written_out_as_one_disk(chain, tmp_path):
+    """Converting a delta writes the whole disk: qemu-img compares it equal to the chain."""
+    for fmt, sub in (("vmdk", "streamOptimized"), ("qcow2", None)):
+        out = tmp_path / f"flat.{fmt}"
+        convert_file(chain["big"], out, fmt, options={"subformat": sub} if sub else None)
+        qemu.check(out, fmt)
+        qemu.compare(chain["big"], out, "vmdk", fmt)
+        assert "backing-filename" not in qemu.info(out, fmt)
+
+
+def test_parent_changed_after_the_snapshot_is_refused(chain, tmp_path):
+    """qemu stamps a new CID on a disk the first time it writes to it: a delta whose parent was
+    written to since holds grains that no longer fit, and qemu refuses to read through it."""
+    for name in ("base.vmdk", "mid.vmdk"):
+        shutil.copyfile(chain[name.split(".")[0]], tmp_path / name)
+    with open_image(tmp_path / "mid.vmdk") as img:
+        want = img.info()["parent_cid"]
+    _qemu_io(tmp_path / "base.vmdk", "write -P 0x99 2M 4k")
+    with open_image(tmp_path / "base.vmdk") as img:
+        now = img.info()["cid"]
+    assert now != want
+    with pytest.raises(FormatError) as err:
+        open_image(tmp_path / "mid.vmdk").close()
+    text = str(err.value)
+    assert str(tmp_path / "mid.vmdk") in text and f"CID {now}" in text
+    assert f"parentCID is {want}" in text
+    res = qemu.run("convert", "-O", "raw", str(tmp_path / "mid.vmdk"), str(tmp_path / "q.raw"))
+    assert res.returncode != 0  # qemu agrees

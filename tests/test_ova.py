@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import random
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from hypersdk.atomic import atomic_file
 from hypersdk.convert import convert_file
-from hypersdk.errors import FormatError, VMNotFoundError
+from hypersdk.errors import FormatError, UnsupportedFormatError, VMNotFoundError
 from hypersdk.formats import open_image
 from hypersdk.formats.ova import Package, tar_header, tar_members, write_ova
 from hypersdk.io import FileRangeReader
@@ -22,6 +23,7 @@ from hypersdk.ovf import build_ovf, parse_manifest, parse_ovf
 from providers import open_source
 from tests import qemu
 from tests.fixtures.tools import need_tool
+from tests.packages import QCOW2_URL, RAW_URL, UNKNOWN_URL, VMDK_URL, make_ova, one_disk_ovf
 
 MiB = 1024 * 1024
 
@@ -418,3 +420,227 @@ def test_fuzz_ova_headers(tmp_path):
         parse_ovf(VMWARE_OVF.replace(b'ovf:capacity="16"', b'ovf:capacity="-16"'), "x.ovf")
     with pytest.raises(FormatError, match="unknown disk"):
         parse_ovf(VMWARE_OVF.replace(b"ovf:/disk/vmdisk1", b"ovf:/disk/nope"), "x.ovf")
+
+
+# ------------------------------------------------------------------------ hostile descriptors
+def _with_doctype(ovf: bytes, doctype: str, name_text: str, encoding: str) -> bytes:
+    """``ovf`` re-encoded in ``encoding`` with ``doctype`` and the VM's name set to
+    ``name_text`` (an entity reference, say)."""
+    text = ovf.decode().replace('encoding="UTF-8"', f'encoding="{encoding}"', 1)
+    head, _, body = text.partition("\n")
+    body = body.replace("<ovf:Name>vm</ovf:Name>", f"<ovf:Name>{name_text}</ovf:Name>", 1)
+    return f"{head}\n{doctype}\n{body}".encode(encoding)
+
+
+_LAUGHS = (
+    '<!DOCTYPE ovf:Envelope [<!ENTITY a "lol">'
+    + "".join(f'<!ENTITY {chr(98 + i)} "{("&" + chr(97 + i) + ";") * 10}">' for i in range(9))
+    + "]>"
+)
+
+
+@pytest.mark.parametrize(
+    "doctype,name_text",
+    [
+        ('<!DOCTYPE ovf:Envelope [<!ENTITY n "INJECTED">]>', "&n;"),
+        ('<!DOCTYPE ovf:Envelope [<!ENTITY n SYSTEM "file:///etc/hostname">]>', "&n;"),
+        (_LAUGHS, "&j;"),
+        ('<!DOCTYPE ovf:Envelope SYSTEM "http://127.0.0.1:9/evil.dtd">', "vm"),
+    ],
+    ids=["internal", "external", "laughs", "external-dtd"],
+)
+def test_ovf_entities_refused_in_any_encoding(doctype, name_text):
+    """Whatever the encoding (a UTF-16 DOCTYPE slipped past a byte search), a DTD is refused
+    before any entity reaches a name."""
+    ovf = one_disk_ovf("d.raw", MiB, RAW_URL)
+    assert parse_ovf(ovf, "x.ovf")[0].name == "vm"
+    for encoding in ("UTF-16", "UTF-16BE", "UTF-8"):
+        with pytest.raises(FormatError, match="x.ovf: OVF descriptor declares a DOCTYPE"):
+            parse_ovf(_with_doctype(ovf, doctype, name_text, encoding), "x.ovf")
+
+
+def test_ovf_depth_and_size_bounded():
+    ovf = one_disk_ovf("d.raw", MiB, RAW_URL).decode()
+    deep = ovf.replace("<ovf:Name>vm</ovf:Name>", "<x>" * 100_000 + "</x>" * 100_000, 1)
+    with pytest.raises(FormatError, match="deeper than 64 levels"):
+        parse_ovf(deep.encode(), "deep.ovf")
+    wide = ovf.replace("<ovf:Name>vm</ovf:Name>", "<x/>" * 300_000, 1)
+    with pytest.raises(FormatError, match="more than 200000 elements"):
+        parse_ovf(wide.encode(), "wide.ovf")
+    with pytest.raises(FormatError, match="not well-formed"):
+        parse_ovf(ovf.replace('encoding="UTF-8"', 'encoding="no-such"').encode(), "enc.ovf")
+
+
+def test_names_with_control_characters_are_escaped_when_shown(tmp_path):
+    """A VM name with a C1 CSI and a right-to-left override is shown escaped by hyperctl."""
+    name = "evil\x9b2J\u202eexe"
+    disk = b"guest data".ljust(MiB, b"\0")
+    ova = make_ova(
+        tmp_path / "n.ova",
+        [("n.ovf", one_disk_ovf("d\x9b.raw", MiB, RAW_URL, name)), ("d\x9b.raw", disk)],
+    )
+    with Package(ova) as pkg:
+        assert pkg.vm.name == name  # kept as it is; escaped where it is shown
+        with pkg.open_disk(pkg.disk_files[0]) as img:
+            assert "\x9b" not in img.reader.name and "\\x9b" in img.reader.name
+    res = subprocess.run(
+        [sys.executable, "-m", "hypersdk.cli.main", "info", str(ova)],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "vm: evil\\x9b2J\\u202eexe" in res.stdout
+    assert "\x9b" not in res.stdout and "\u202e" not in res.stdout
+
+
+# ------------------------------------------------------------------ references out of a package
+def _ovf_dir(tmp_path: Path, href: str) -> Path:
+    d = tmp_path / "pkg"
+    d.mkdir()
+    (d / "vm.ovf").write_bytes(one_disk_ovf(href, MiB, RAW_URL))
+    return d
+
+
+def _marker(tmp_path: Path) -> Path:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    marker = outside / "host-file"
+    marker.write_bytes(b"HOST-SECRET " * 100_000)
+    return marker
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["file-link", "dir-link", "ovf-link", "absolute-link", "vmdk-extent-link", "manifest-link"],
+)
+def test_ovf_directory_never_reads_outside(tmp_path, how):
+    """A disk href (or the descriptor) that is a symlink, or reaches through one, out of the
+    package directory is refused; nothing of the outside file is read. (A link that stays
+    inside is fine: only where it leads counts.)"""
+    marker = _marker(tmp_path)
+    if how == "file-link":
+        d = _ovf_dir(tmp_path, "disk.raw")
+        (d / "real.raw").write_bytes(b"inside".ljust(MiB, b"\0"))
+        (d / "disk.raw").symlink_to("real.raw")  # a link that stays inside is fine
+        with Package(d) as pkg, pkg.open_disk(pkg.disk_files[0]) as img:
+            assert img.read(0, 6) == b"inside"
+        (d / "disk.raw").unlink()
+        (d / "disk.raw").symlink_to(marker)
+    elif how == "dir-link":
+        d = _ovf_dir(tmp_path, "sub/host-file")
+        (d / "sub").symlink_to(marker.parent)
+    elif how == "absolute-link":
+        d = _ovf_dir(tmp_path, "disk.raw")
+        (d / "disk.raw").symlink_to("/etc/hostname")
+    elif how == "vmdk-extent-link":  # a descriptor in the package naming its flat extent
+        d = tmp_path / "pkg"
+        d.mkdir()
+        (d / "vm.ovf").write_bytes(one_disk_ovf("disk.vmdk", MiB, VMDK_URL))
+        qemu.run(
+            "create", "-f", "vmdk", "-o", "subformat=monolithicFlat", str(d / "disk.vmdk"), "1M"
+        )
+        (d / "disk-flat.vmdk").unlink()
+        (d / "disk-flat.vmdk").symlink_to(marker)
+    elif how == "manifest-link":  # checking the package must not read a linked manifest
+        d = _ovf_dir(tmp_path, "disk.raw")
+        (d / "disk.raw").write_bytes(bytes(MiB))
+        (d / "vm.mf").symlink_to(marker)
+        with Package(d) as pkg, pytest.raises(FormatError, match="outside the image's dir"):
+            pkg.verify_manifest()
+        return
+    else:
+        marker.with_suffix(".ovf").write_bytes(one_disk_ovf("host-file", MiB, RAW_URL))
+        d = tmp_path / "pkg"
+        d.mkdir()
+        (d / "vm.ovf").symlink_to(marker.with_suffix(".ovf"))
+        with pytest.raises(FormatError, match="outside the package directory"):
+            Package(d)
+        return
+    with (
+        open_source(f"ova://{d}") as source,
+        source.snapshot("vm") as snap,
+        pytest.raises(FormatError, match="outside the image's directory"),
+    ):
+        source.open_disk(snap, snap.vm.disks[0])
+
+
+def _backed_qcow2(tmp_path: Path) -> tuple[Path, bytes]:
+    """A qcow2 (made by qemu-img) whose backing file is a host file holding a marker."""
+    marker = _marker(tmp_path)
+    disk = tmp_path / "disk.qcow2"
+    qemu.run("create", "-f", "qcow2", "-b", str(marker), "-F", "raw", str(disk))
+    assert disk.exists()
+    return marker, disk.read_bytes()
+
+
+@pytest.mark.parametrize("url", [QCOW2_URL, UNKNOWN_URL])
+def test_ova_qcow2_backing_never_reaches_host(tmp_path, url):
+    """An OVA whose disk is a qcow2 naming a host file as its backing file: refused, naming the
+    file, through the format driver, the ova source and hyperctl convert; no byte of the host
+    file reaches an output."""
+    marker, qcow = _backed_qcow2(tmp_path)
+    ova = make_ova(
+        tmp_path / "evil.ova", [("evil.ovf", one_disk_ovf("d.qcow2", MiB, url)), ("d.qcow2", qcow)]
+    )
+    with pytest.raises(FormatError, match=str(marker)):
+        open_image(ova)
+    with (
+        open_source(f"ova://{ova}") as source,
+        source.snapshot("vm") as snap,
+        pytest.raises(FormatError, match=str(marker)),
+    ):
+        source.open_disk(snap, snap.vm.disks[0])
+    out = tmp_path / "out.raw"
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hypersdk.cli.main",
+            "convert",
+            "-q",
+            "-O",
+            "raw",
+            str(ova),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 1 and str(marker) in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    leftovers = [p for p in tmp_path.rglob("*") if p.is_file() and p != marker]
+    assert not any(b"HOST-SECRET" in p.read_bytes() for p in leftovers)
+
+
+def test_declared_raw_disk_is_never_probed(tmp_path):
+    """A disk the OVF declares raw is read as raw even when its bytes start like a qcow2 (a
+    guest's data may); only a disk of unknown format is probed."""
+    qcow = tmp_path / "inner.qcow2"
+    qemu.run("create", "-f", "qcow2", str(qcow), "1M")
+    data = qcow.read_bytes().ljust(MiB, b"\0")
+    for url, fmt in ((RAW_URL, "raw"), (UNKNOWN_URL, "qcow2")):
+        ova = make_ova(
+            tmp_path / f"{fmt}.ova", [("p.ovf", one_disk_ovf("d", MiB, url)), ("d", data)]
+        )
+        with Package(ova) as pkg, pkg.open_disk(pkg.disk_files[0]) as img:
+            assert img.format == fmt
+            if fmt == "raw":
+                assert img.read(0, MiB) == data
+
+
+def test_package_in_package_and_refused_formats(tmp_path):
+    """A probed disk that is itself an OVA, or a format recognised but not read, is refused by
+    name, never read as raw."""
+    inner = make_ova(tmp_path / "inner.ova", [("i.ovf", one_disk_ovf("x", 512, RAW_URL)),
+                                              ("x", bytes(512))])  # fmt: skip
+    outer = make_ova(
+        tmp_path / "outer.ova",
+        [("o.ovf", one_disk_ovf("inner.ova", MiB, UNKNOWN_URL)), ("inner.ova", inner.read_bytes())],
+    )
+    with Package(outer) as pkg, pytest.raises(FormatError, match="itself a package"):
+        pkg.open_disk(pkg.disk_files[0])
+    qed = b"QED\0".ljust(MiB, b"\0")
+    ova = make_ova(tmp_path / "q.ova", [("q.ovf", one_disk_ovf("d.qed", MiB, UNKNOWN_URL)),
+                                        ("d.qed", qed)])  # fmt: skip
+    with Package(ova) as pkg, pytest.raises(UnsupportedFormatError, match=r"q.ova:d.qed: a QED"):
+        pkg.open_disk(pkg.disk_files[0])

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import hypersdk.formats._qcow2_pack as P
+import hypersdk.formats._qcow2_writer as W
 import hypersdk.formats.qcow2 as Q
 from hypersdk.errors import FormatError, TargetError
 from hypersdk.extents import Extent, ExtentMap
@@ -82,7 +85,7 @@ def _spool_fds(directory: Path) -> list[str]:
 def spool_dir(tmp_path, monkeypatch):
     d = tmp_path / "spool"
     d.mkdir()
-    monkeypatch.setattr(Q.tempfile, "tempdir", str(d))
+    monkeypatch.setattr(tempfile, "tempdir", str(d))
     return d
 
 
@@ -101,7 +104,7 @@ def _reference_pack(sizes: np.ndarray, cs: int) -> tuple[list[int], int]:
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 1 << 18])
 def test_packer_matches_plain_loop(monkeypatch, chunk):
-    monkeypatch.setattr(Q, "_PACK_CHUNK", chunk)
+    monkeypatch.setattr(P, "PACK_CHUNK", chunk)
     rng = np.random.default_rng(chunk)
     cs = 4096
     cases = [
@@ -155,7 +158,7 @@ def test_each_cluster_deflated_once(monkeypatch, spool_dir):
     data = _content(6 * MiB + 5, cs, "tttrz")
     calls = []
     lock = threading.Lock()
-    real = Q.deflate
+    real = W.deflate
 
     def counting(buf, level, *args):
         if level == Q.COMPRESS_LEVEL:
@@ -163,7 +166,7 @@ def test_each_cluster_deflated_once(monkeypatch, spool_dir):
                 calls.append(bytes(buf[:16]))
         return real(buf, level, *args)
 
-    monkeypatch.setattr(Q, "deflate", counting)
+    monkeypatch.setattr(W, "deflate", counting)
     # zero clusters are data here too (one extent covers the disk) and deflate to little
     text_clusters = sum(1 for i in range(-(-len(data) // cs)) if "tttrz"[i % 5] != "r")
 
@@ -279,7 +282,7 @@ def test_measure_release_frees_the_spool(spool_dir):
 
 
 def test_no_spool_space_is_a_target_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(Q.tempfile, "tempdir", str(tmp_path / "missing"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
     src = _Source(_content(MiB, 65536, "t"))
     with pytest.raises(TargetError, match="TMPDIR"):
         _write(src, _plan(src, {}))

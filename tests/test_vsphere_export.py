@@ -86,9 +86,8 @@ def test_parallel_ranges_and_progress(vcsim):
     vcsim.flat_file(vm).write_bytes(data)
     done = []
     with open_source(vcsim.source_url(), **vcsim.options(workers=4)) as src:
-        src.progress = done.append
         with src.snapshot(vm) as snap:
-            reader = src.open_disk(snap, snap.disks[0].disk)
+            reader = src.open_disk(snap, snap.disks[0].disk, progress=done.append)
             try:
                 assert reader.size == 8 * MiB and reader.file_size == 6 * MiB
                 assert reader.read(0, 4 * MiB) == data[: 4 * MiB]

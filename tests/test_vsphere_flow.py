@@ -36,25 +36,28 @@ def test_migrate_vm_full_incremental_and_failure(prefect_api, vcsim, govc_env, t
         src.enable_cbt(vm)
     target = tmp_path / "exports"
 
-    r1 = migrate_vm(source=source, target=f"file://{target}", format="qcow2")
+    r1 = migrate_vm(source=source, target=f"file://{target}", vm=vm, format="qcow2")
     assert r1.kind == "full" and r1.verified and r1.vm == vm
     out1 = target / r1.disks[0].key
     qemu.compare(flat, out1, "raw", "qcow2")
     assert snapshot_names(vcsim, vm) == []
 
     changed = mutate_disk(flat, 5, seed=2)
-    r2 = migrate_vm(source=source, target=f"file://{target}", format="qcow2")
+    r2 = migrate_vm(source=source, target=f"file://{target}", vm=vm, format="qcow2")
     d2 = r2.disks[0]
     assert r2.kind == "incremental" and d2.incremental and d2.base_key == r1.disks[0].key
     assert d2.data_bytes == len(changed) * BS  # CBT: only the changed blocks moved
-    assert d2.stages["read"]["bytes"] == d2.data_bytes
+    assert d2.stages["download"]["bytes"] == d2.data_bytes
     qemu.compare(flat, target / d2.key, "raw", "qcow2")  # base + delta == the new disk
     assert snapshot_names(vcsim, vm) == []
 
-    blocked = tmp_path / "not-a-dir"
-    blocked.write_text("a file where the target directory should be")
-    with pytest.raises(HyperSDKError):
-        migrate_vm(source=source, target=f"file://{blocked}", format="qcow2", incremental=False)
+    blocked = tmp_path / "exports2"
+    blocked.mkdir()
+    (blocked / vm).write_text("a file where the VM's export directory should be")
+    with pytest.raises(HyperSDKError):  # past the pre-run checks: fails while uploading
+        migrate_vm(
+            source=source, target=f"file://{blocked}", vm=vm, format="qcow2", incremental=False
+        )
     assert snapshot_names(vcsim, vm) == []  # removed after the failure too
 
 

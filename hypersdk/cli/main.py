@@ -14,12 +14,14 @@ import pkgutil
 import sys
 
 # Before Prefect is imported by any command: no analytics from a CLI run, and Prefect's own
-# logs on the terminal only when asked for (HYPERSDK_VERBOSE=1 or PREFECT_LOGGING_LEVEL set by the user).
+# console output only when asked for (HYPERSDK_VERBOSE=1). Runs still send every log line to
+# the Prefect API (the UI's run logs); the terminal gets our summary, our warnings, and a
+# failure as one line.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 if os.environ.get("HYPERSDK_VERBOSE") != "1":
-    # Failures reach the user as our one-line error; the run keeps its full logs in Prefect.
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 import click
 

@@ -68,10 +68,64 @@ def _show(result: MigrationResult) -> None:
     click.echo(render_text(result))
 
 
+def _missing_vm(source: str | None) -> None:
+    """A bare ``hyperctl migrate`` names no VM: say which ones the source holds."""
+    from hypersdk import config
+    from hypersdk.errors import InvalidParameterError
+    from providers import open_source
+
+    with open_source(source or config.default_source_url()) as src:
+        names = [v.name for v in src.list_vms()]
+    held = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "") if names else "no VMs"
+    raise InvalidParameterError(f"name the VM to export (the source holds: {held})")
+
+
+def run_flow(flow_name: str, params: dict[str, Any]) -> MigrationResult:
+    """Check everything a run can check without side effects, in this process and before
+    Prefect loads (a mistake answers in well under a second and creates no flow run), then
+    run the flow against the local Prefect API."""
+    if not params.get("vm"):
+        _missing_vm(params.get("source"))
+    from hypersdk.requests import validate_request
+    from providers.preflight import preflight
+
+    preflight(validate_request(**params))
+    _use_prefect_api()
+    _warnings_to_stderr()
+    from prefect import Flow
+
+    if flow_name == "backup-vm":
+        from flows.backup import backup_vm as flow
+    else:
+        from flows.migrate import migrate_vm as flow
+    with live_progress(sys.stderr.isatty()):
+        # checked above: skip ExportFlow's own pre-run check (a second vSphere login)
+        return Flow.__call__(flow, **params)
+
+
+def _use_prefect_api() -> None:
+    """Point the run at the local Prefect server (started on first use), see docs/prefect-local.md."""
+    from hypersdk.localapi import ensure_api
+
+    ensure_api(echo=lambda line: click.echo(line, err=True))
+
+
+def _warnings_to_stderr() -> None:
+    """Engine and provider warnings as one line each on the terminal (Prefect's console is
+    quiet unless HYPERSDK_VERBOSE=1; the run's logs keep everything)."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    for name in ("hypersdk", "providers"):
+        logging.getLogger(name).addHandler(handler)
+
+
 @click.command(
     help="Export a VM: snapshot, CBT diff, download, convert, encrypt, upload, manifest, verify."
 )
-@click.argument("vm", required=False, help="VM name (optional if the source holds one VM)")
+@click.argument("vm", required=False, help="VM name or id on the source")
 @source_opt
 @target_opt
 @click.option("-O", "--format", "output_format", default="qcow2", help="Disk format of the export")
@@ -105,15 +159,7 @@ def migrate(
         encryption=encryption_ref(key_file, passphrase_file, passphrase_env, gpg_recipient),
         verify=not no_verify,
     )
-    from hypersdk.requests import validate_request
-
-    validate_request(**params)  # fail fast, before a flow run (and an API server) starts
-
-    from flows.migrate import migrate_vm
-
-    with live_progress(sys.stderr.isatty()):
-        result = migrate_vm(**params)
-    _show(result)
+    _show(run_flow("migrate-vm", params))
 
 
 @click.command(help="Incremental backup (what the nightly deployment runs).")
@@ -142,15 +188,7 @@ def backup(
         full_every=full_every,
         encryption=encryption_ref(key_file, passphrase_file, passphrase_env, gpg_recipient),
     )
-    from hypersdk.requests import validate_request
-
-    validate_request(**params)
-
-    from flows.backup import backup_vm
-
-    with live_progress(sys.stderr.isatty()):
-        result = backup_vm(**params)
-    _show(result)
+    _show(run_flow("backup-vm", params))
 
 
 @click.command(

@@ -17,29 +17,81 @@ from hypersdk.errors import CredentialsError, DecryptionError, InvalidParameterE
 # Strong defaults: scrypt n=2**17, r=8, p=1 (128 MiB, ~0.3 s); Argon2id t=3, m=64 MiB, 4 lanes.
 SCRYPT_DEFAULT = (17, 8, 1)  # (log2 n, r, p)
 ARGON2_DEFAULT = (3, 64 * 1024, 4)  # (iterations, memory KiB, lanes)
-# Caps on what a header may ask for, so a malicious file cannot make us allocate gigabytes.
-MAX_KDF_MEMORY = 1024 * 1024 * 1024
+
+# Caps on what a header may ask for. The KDF runs before anything can authenticate the header
+# (the passphrase is needed to check it), so a hostile file chooses its cost: it may ask for
+# what we write plus a modest margin, never more. Memory is what the KDF allocates, work is how
+# much it mixes (time grows with it). Writing checks the same caps, so we never write a file we
+# would refuse to read.
+MiB = 1024 * 1024
+MAX_SCRYPT_MEMORY = 256 * MiB  # 128 * r * N: twice the default
+MAX_SCRYPT_WORK = 2**21  # N * r * p (hence N * p too): twice the default's 2**20
 MAX_SCRYPT_P = 16
+MAX_ARGON2_MEMORY_KIB = 256 * 1024  # m: four times the default
+MAX_ARGON2_WORK_KIB = 2 * 3 * 64 * 1024  # t * m: twice the default's 3 passes over 64 MiB
 MAX_ARGON2_ITER = 16
 MAX_ARGON2_LANES = 16
 
 
-def check_kdf_params(kdf: int, params: tuple[int, int, int], name: str = "<input>") -> None:
-    """Refuse KDF parameters that are out of range or too costly (DecryptionError)."""
-    from hypersdk.crypto.container import KDF_ARGON2ID, KDF_HKDF, KDF_SCRYPT
+def _scrypt_refusal(log_n: int, r: int, p: int) -> str | None:
+    if not (10 <= log_n <= 24 and 1 <= r <= 64 and 1 <= p <= MAX_SCRYPT_P):
+        return "out of range (log2 N 10..24, r 1..64, p 1..16)"
+    if log_n >= 16 * r:  # scrypt's own rule (RFC 7914: N < 2^(128*r/8)); OpenSSL enforces it
+        return "N must be below 2^(16*r)"
+    memory, work = 128 * r << log_n, (r * p) << log_n
+    if memory > MAX_SCRYPT_MEMORY or work > MAX_SCRYPT_WORK:
+        return (
+            f"needs {memory // MiB} MiB and N*r*p = {work}; at most "
+            f"{MAX_SCRYPT_MEMORY // MiB} MiB and {MAX_SCRYPT_WORK} are allowed"
+        )
+    return None
+
+
+def _argon2_refusal(t: int, m: int, lanes: int) -> str | None:
+    if not (1 <= t <= MAX_ARGON2_ITER and 1 <= lanes <= MAX_ARGON2_LANES and 8 * lanes <= m):
+        return "out of range (t 1..16, lanes 1..16, m >= 8 KiB per lane)"
+    if m > MAX_ARGON2_MEMORY_KIB or t * m > MAX_ARGON2_WORK_KIB:
+        return (
+            f"needs {m // 1024} MiB and t*m = {t * m} KiB; at most "
+            f"{MAX_ARGON2_MEMORY_KIB // 1024} MiB and {MAX_ARGON2_WORK_KIB} KiB are allowed"
+        )
+    return None
+
+
+def describe_kdf(kdf: int, params: tuple[int, int, int]) -> str:
+    """``params`` spelled out for messages: ``scrypt N=2^17 r=8 p=1``."""
+    from hypersdk.crypto.container import KDF_ARGON2ID, KDF_SCRYPT
 
     p1, p2, p3 = params
-    ok = True
     if kdf == KDF_SCRYPT:
-        ok = 10 <= p1 <= 24 and 1 <= p2 <= 64 and 1 <= p3 <= MAX_SCRYPT_P
-        ok = ok and 128 * p2 * (1 << p1) <= MAX_KDF_MEMORY
-    elif kdf == KDF_ARGON2ID:
-        ok = 1 <= p1 <= MAX_ARGON2_ITER and 1 <= p3 <= MAX_ARGON2_LANES
-        ok = ok and 8 * p3 <= p2 <= MAX_KDF_MEMORY // 1024
-    elif kdf == KDF_HKDF:
-        ok = params == (0, 0, 0)
-    if not ok:
-        raise DecryptionError(f"{name}: KDF parameters {params} in header are refused (too costly)")
+        return f"scrypt N=2^{p1} r={p2} p={p3}"
+    if kdf == KDF_ARGON2ID:
+        return f"argon2id t={p1} m={p2} KiB lanes={p3}"
+    return f"KDF {kdf} {params}"
+
+
+def kdf_refusal(kdf: int, params: tuple[int, int, int]) -> str | None:
+    """Why ``params`` are out of range or too costly for ``kdf``, or None when they are fine."""
+    from hypersdk.crypto.container import KDF_ARGON2ID, KDF_HKDF, KDF_SCRYPT
+
+    if kdf == KDF_SCRYPT:
+        return _scrypt_refusal(*params)
+    if kdf == KDF_ARGON2ID:
+        return _argon2_refusal(*params)
+    if kdf == KDF_HKDF:
+        return None if tuple(params) == (0, 0, 0) else "HKDF takes no parameters"
+    return "unknown KDF"
+
+
+def check_kdf_params(kdf: int, params: tuple[int, int, int], name: str = "<input>") -> None:
+    """Refuse KDF parameters that are out of range or too costly (DecryptionError naming them),
+    before the KDF runs."""
+    why = kdf_refusal(kdf, params)
+    if why:
+        raise DecryptionError(
+            f"{name}: KDF parameters {describe_kdf(kdf, params)} in header are refused: {why} "
+            "(a header chooses what the KDF costs before anything can authenticate it)"
+        )
 
 
 class KeyMaterial:
@@ -91,10 +143,11 @@ class KeyMaterial:
             kdf, params = KDF_ARGON2ID, self._kdf_params or ARGON2_DEFAULT
         else:
             kdf, params = KDF_SCRYPT, self._kdf_params or SCRYPT_DEFAULT
-        try:
-            check_kdf_params(kdf, tuple(params), "<new>")
-        except DecryptionError:
-            raise InvalidParameterError(f"KDF parameters {params} are out of range") from None
+        why = kdf_refusal(kdf, tuple(params))
+        if why:
+            raise InvalidParameterError(
+                f"KDF parameters {describe_kdf(kdf, tuple(params))} are refused: {why}"
+            )
         return kdf, tuple(params)
 
     def derive_kek(self, kdf: int, params: tuple[int, int, int], salt: bytes) -> bytes:
@@ -113,17 +166,24 @@ class KeyMaterial:
         if self._passphrase is None:
             raise DecryptionError("this file was encrypted with a passphrase, not a key")
         secret = self._passphrase.get_secret_value().encode()
+        check_kdf_params(kdf, params)  # whoever calls: never run a KDF past the caps
         p1, p2, p3 = params
-        if kdf == KDF_SCRYPT:
-            from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+        try:
+            if kdf == KDF_SCRYPT:
+                from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-            return Scrypt(salt=salt, length=32, n=1 << p1, r=p2, p=p3).derive(secret)
-        if kdf == KDF_ARGON2ID:
-            from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+                return Scrypt(salt=salt, length=32, n=1 << p1, r=p2, p=p3).derive(secret)
+            if kdf == KDF_ARGON2ID:
+                from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
-            return Argon2id(salt=salt, length=32, iterations=p1, lanes=p3, memory_cost=p2).derive(
-                secret
-            )
+                return Argon2id(
+                    salt=salt, length=32, iterations=p1, lanes=p3, memory_cost=p2
+                ).derive(secret)
+        except MemoryError:  # within the caps, yet the host (or a ulimit) has less
+            raise DecryptionError(
+                f"not enough memory for {describe_kdf(kdf, params)}: free memory or raise the "
+                "process's memory limit"
+            ) from None
         raise DecryptionError(f"unknown KDF {kdf}")
 
 

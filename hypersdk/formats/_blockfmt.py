@@ -2,13 +2,15 @@
 blocks to places in the file, unallocated blocks read as zeros.
 
 Why shared: the three writers emit "header, table, then each allocated block in guest order" and
-the three readers resolve guest ranges through a block table the same way; only the structures
-differ, and those live in each driver.
+the readers (Parallels too) resolve guest ranges through a block table the same way; only the
+structures differ, and those live in each driver.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
+
+import numpy as np
 
 from hypersdk.errors import FormatError, InvalidParameterError
 from hypersdk.extents import Extent, ExtentCollector, ExtentMap
@@ -170,10 +172,125 @@ def check_read(name: str, offset: int, length: int, size: int) -> None:
         raise FormatError(name, f"read {offset}+{length} beyond disk end {size}")
 
 
-def block_extents(blocks: Iterable[int], block: int, size: int) -> ExtentMap:
-    """The guest ranges of the used ``blocks`` (ascending indices)."""
-    out = ExtentCollector(size)
-    for b in blocks:
-        if b * block < size:
-            out.add(b * block, min(size, (b + 1) * block) - b * block)
-    return out.build()
+# ------------------------------------------------------------------- reading a block table
+# A header says how many entries a table has and where blocks lie; a hostile one says billions
+# (a mostly-holes file reads as zeros, which often are valid entries). So a table is read a
+# chunk at a time and only its allocated entries are kept, and those are bounded by the file:
+# blocks may not overlap each other or the metadata, so no more than ``file size // block``
+# of them fit. Memory and time follow the real file size, never a header field.
+TABLE_CHUNK = 1 << 18  # entries read at a time (1-2 MiB)
+
+
+def table_chunks(
+    reader: RangeReader, offset: int, count: int, dtype: str, chunk: int = TABLE_CHUNK
+) -> Iterator[tuple[int, np.ndarray]]:
+    """``count`` table entries of ``dtype`` at ``offset``, as (first index, entries) chunks."""
+    size = np.dtype(dtype).itemsize
+    for first in range(0, count, chunk):
+        n = min(chunk, count - first)
+        yield first, np.frombuffer(reader.read(offset + first * size, n * size), dtype=dtype)
+
+
+class Allocation:
+    """The allocated blocks of a block-table image, kept sparse: guest block indices
+    (ascending) and the file offset of each block's data."""
+
+    __slots__ = ("indices", "offsets", "block")
+
+    def __init__(self, indices: np.ndarray, offsets: np.ndarray, block: int):
+        self.indices = indices
+        self.offsets = offsets
+        self.block = block
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def locate(self, index: int) -> int | None:
+        """File offset of guest block ``index``, None if unallocated."""
+        at = int(np.searchsorted(self.indices, index))
+        if at < len(self.indices) and int(self.indices[at]) == index:
+            return int(self.offsets[at])
+        return None
+
+    def extents(self, size: int) -> ExtentMap:
+        """The guest ranges of the allocated blocks: one extent per run of adjacent blocks."""
+        out = ExtentCollector(size)
+        idx = self.indices
+        if len(idx):
+            breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+            firsts = idx[np.concatenate(([0], breaks))].tolist()
+            lasts = idx[np.concatenate((breaks - 1, [len(idx) - 1]))].tolist()
+            for first, last in zip(firsts, lasts, strict=True):
+                start = first * self.block
+                if start < size:
+                    out.add(start, min(size, (last + 1) * self.block) - start)
+        return out.build()
+
+    @classmethod
+    def collect(
+        cls,
+        name: str,
+        what: str,
+        parts: Iterable[tuple[np.ndarray, np.ndarray]],
+        *,
+        block: int,
+        span: int,
+        file_size: int,
+        reserved: Iterable[tuple[int, int, str]] = (),
+        shift: int = 0,
+    ) -> Allocation:
+        """Gather (guest indices, file offsets of ``span`` bytes) chunks of allocated entries,
+        refusing any that lie past the file end, overlap a ``reserved`` (start, end, label)
+        range or another block. ``shift`` is added to each offset to reach the block's data
+        (a VHD sector bitmap comes first)."""
+        reserved = [(lo, hi, label) for lo, hi, label in reserved if hi > lo]
+        limit = file_size // span if span > 0 else 0
+        idx_parts: list[np.ndarray] = []
+        off_parts: list[np.ndarray] = []
+        total = 0
+        for idx, off in parts:
+            if not len(idx):
+                continue
+            off = off.astype(np.int64, copy=False)
+            beyond = (off < 0) | (off > file_size - span)
+            if beyond.any():
+                at = int(np.argmax(beyond))
+                raise FormatError(
+                    name,
+                    f"{what} entry for block {int(idx[at])} points beyond the end of the file "
+                    f"({file_size} bytes): the image is truncated or corrupt",
+                )
+            for lo, hi, label in reserved:
+                hit = (off < hi) & (off + span > lo)
+                if hit.any():
+                    at = int(np.argmax(hit))
+                    raise FormatError(
+                        name,
+                        f"{what} entry for block {int(idx[at])} places it at {int(off[at])}, "
+                        f"over the {label}: the image is corrupt",
+                    )
+            total += len(idx)
+            if total > limit:
+                raise FormatError(
+                    name,
+                    f"{what} maps more blocks than a file of {file_size} bytes can hold "
+                    f"({limit} of {span} bytes): blocks share space, the image is corrupt",
+                )
+            idx_parts.append(idx.astype(np.int64, copy=False))
+            off_parts.append(off)
+        if not idx_parts:
+            empty = np.zeros(0, dtype=np.int64)
+            return cls(empty, empty, block)
+        indices = np.concatenate(idx_parts)
+        offsets = np.concatenate(off_parts)
+        order = np.argsort(offsets, kind="stable")
+        ordered = offsets[order]
+        clash = np.flatnonzero(ordered[1:] < ordered[:-1] + span)
+        if clash.size:
+            a, b = order[int(clash[0])], order[int(clash[0]) + 1]
+            raise FormatError(
+                name,
+                f"{what} places blocks {int(indices[a])} and {int(indices[b])} in the same "
+                f"file space (at {int(offsets[a])} and {int(offsets[b])}): the image is corrupt",
+            )
+        return cls(indices, offsets + shift, block)

@@ -41,6 +41,20 @@ OFLAG_ZERO = 1  # v3 only: the cluster reads as zeros
 OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00  # bits 9-55: host offset of an L2 table / standard cluster
 REFT_OFFSET_MASK = 0xFFFF_FFFF_FFFF_FE00
 
+# what an L2 entry makes of its guest cluster (qemu's QCow2ClusterType)
+ZERO, UNALLOC, STD, COMP = 2, 3, 4, 5
+
+# internal snapshot table entry: l1_table_offset, l1_size, id_str_size, name_size, date_sec,
+# date_nsec, vm_clock_nsec, vm_state_size, extra_data_size; then extra data, id, name, padded to 8
+SNAPSHOT = struct.Struct(">QIHHIIQII")  # 40 bytes
+MAX_SNAPSHOTS = 65536  # qemu's QCOW_MAX_SNAPSHOTS
+MAX_SNAPSHOT_TABLE_BYTES = 64 * 1024 * 1024  # qemu's QCOW_MAX_SNAPSHOTS_SIZE
+MAX_SNAPSHOT_EXTRA = 1024  # qemu's QCOW_MAX_SNAPSHOT_EXTRA_DATA
+
+# deflate's best ratio is about 1032:1, so a compressed cluster takes at least cs/1032 bytes of
+# the file: more compressed clusters than that cannot all be distinct (they alias one blob)
+MAX_DEFLATE_RATIO = 1032
+
 MIN_CLUSTER_BITS = 9
 MAX_CLUSTER_BITS = 21
 MAX_L1_BYTES = 32 * 1024 * 1024  # qemu's QCOW_MAX_L1_SIZE
@@ -51,6 +65,10 @@ SECTOR = 512
 # raw deflate with a 4 KiB window, as qemu writes it; inflate accepts any smaller window
 DEFLATE_WBITS = -12
 INFLATE_WBITS = -15
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def compressed_fields(cluster_bits: int) -> tuple[int, int]:

@@ -109,6 +109,10 @@ class SparseHeader:
         return raw + bytes(SECTOR - len(raw))
 
 
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def meta_marker(sectors: int, kind: int) -> bytes:
     """A 512-byte metadata marker announcing ``sectors`` sectors of ``kind``."""
     raw = META_MARKER.pack(sectors, 0, kind)
@@ -125,12 +129,23 @@ def chs_geometry(size: int) -> tuple[int, int, int]:
 
 ADAPTERS = ("ide", "lsilogic", "buslogic", "legacyESX", "pvscsi", "sata")
 SUBFORMATS = ("monolithicSparse", "streamOptimized", "monolithicFlat")
-READ_CREATE_TYPES = (
-    "monolithicSparse",
-    "streamOptimized",
-    "monolithicFlat",
-    "twoGbMaxExtentSparse",
-    "twoGbMaxExtentFlat",
-    "vmfs",
-    "custom",
-)
+# createType -> the extent kind its extents are (None: not a disk we could read at all). Which
+# of them we read is decided by the extent kinds _vmdk_extents reads: one table, not two.
+CREATE_TYPES: dict[str, str | None] = {
+    "monolithicSparse": "SPARSE",
+    "streamOptimized": "SPARSE",
+    "twoGbMaxExtentSparse": "SPARSE",
+    "monolithicFlat": "FLAT",
+    "twoGbMaxExtentFlat": "FLAT",
+    "vmfs": "VMFS",
+    "vmfsSparse": "VMFSSPARSE",
+    "seSparse": "SESPARSE",
+    "vmfsRaw": "VMFSRAW",
+    "vmfsRawDeviceMap": "VMFSRDM",
+    "vmfsPassthroughRawDeviceMap": "VMFSRDM",
+    "fullDevice": None,  # extents name host devices
+    "partitionedDevice": None,
+    "custom": None,
+}
+
+COWD_MAGIC = b"COWD"  # a VMFS sparse (vmfsSparse) extent: ESX's redo-log format, not read here

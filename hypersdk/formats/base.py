@@ -14,6 +14,7 @@ The generic layer (convert, flows) never knows a format's guts.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ class DiskImage(ABC):
     """An opened image: the guest-visible disk, whatever the container format."""
 
     format: ClassVar[str]
+    backing: DiskImage | None = None  # the image a delta reads through to (a backing file)
 
     def __init__(self, reader: RangeReader, virtual_size: int):
         self.reader = reader
@@ -50,6 +52,11 @@ class DiskImage(ABC):
     def extents(self) -> ExtentMap:
         """Where data may be (allocated clusters, data runs). Outside them the disk reads as zeros
         (or as the backing file, which a reader resolves itself). May include zero-filled data."""
+
+    def own_extents(self) -> ExtentMap:
+        """What this image itself holds, leaving out what shows through from ``backing``
+        (``hyperctl info`` reports each layer of a chain apart, as qemu-img does)."""
+        return self.extents()
 
     def iter_extents(self) -> Iterator[Extent]:
         """``extents()`` in guest order, lazily where the image can (a raw file walks SEEK_DATA):
@@ -103,13 +110,32 @@ class Layout:
     # A local convert writes the side files; an export stream refuses such a layout up front.
     not_streamable: str = ""
 
+    # -- lifecycle: every step is declared here; layouts override what they need -------------
+    def bind_output(self, path: str | os.PathLike) -> None:
+        """Learn the output's final file name, before ``write``: side files that name the main
+        output (a VMDK flat descriptor, an OVF naming its disks) are built here."""
+
+    def measure(self, source: Readable, progress: Progress | None = None) -> int | None:
+        """A sizing pass before ``write`` for layouts that know their exact size only after
+        reading the data (compressed ones); returns ``total_size`` then. Others do nothing."""
+        return None
+
+    def release(self) -> None:
+        """Free what ``measure`` holds (a spool), whether or not ``write`` ran."""
+
 
 class FormatDriver(ABC):
     """One disk format. Subclasses set the class attributes and implement the four methods."""
 
     name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()  # other names for it (qemu-img's, e.g. "vpc")
     extensions: ClassVar[tuple[str, ...]] = ()
+    # among drivers whose probe matches the same head, the highest priority wins
+    probe_priority: ClassVar[int] = 0
     can_write: ClassVar[bool] = True
+    # "disk": one disk image; "package": a whole VM (OVA), written from all disks at once;
+    # "refused": a format recognised by its magic and refused by name (formats/refused.py)
+    kind: ClassVar[str] = "disk"
     supports_backing: ClassVar[bool] = False  # can a written image defer to a base (deltas)?
     option_names: ClassVar[tuple[str, ...]] = ()
 
@@ -145,3 +171,24 @@ class FormatDriver(ABC):
                 f"format {self.name!r} has no option {', '.join(unknown)} (known: {known})"
             )
         return options
+
+
+def emit(
+    driver: FormatDriver,
+    source: Readable,
+    layout: Layout,
+    out: Sink,
+    progress: Progress | None = None,
+    measure_source: Readable | None = None,
+) -> None:
+    """The one way a planned output is produced (local convert and export pipeline alike):
+    the layout's sizing pass if it has one, the ordered write, and always the release.
+
+    ``measure_source`` is what the sizing pass reads (default: ``source``); the pipeline passes
+    the unobserved source so a sizing pass is not hashed as if it were the export's reads.
+    """
+    try:
+        layout.measure(measure_source or source, progress)
+        driver.write(source, layout, out, progress)
+    finally:
+        layout.release()

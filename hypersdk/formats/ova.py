@@ -19,6 +19,17 @@ pax size record (ustar's octal field stops at 8 GiB).
 As a FormatDriver (``-O ova``) one disk becomes a one-disk VM named after the output file.
 Reading (``-f ova`` or probed) opens the first disk of the package: a RangeReader over the tar
 member's bytes, then the VMDK (or any probed) driver on it.
+
+Reading is confined to the package. An OVA's members are read through ``SliceReader``s, never a
+local-file reader, so an image inside (a qcow2 naming a backing file) cannot reach the host's
+files. An OVF directory's files are resolved with ``hypersdk.references``: after symlinks they
+must lie in the descriptor's own directory and be regular files (a FIFO would hang the read).
+
+Which driver reads a disk: the one the OVF's disk format URL names (VMDK, qcow2, VHD, VHDX, VDI,
+or raw as oVirt and virt-v2v write it, ``http://en.wikipedia.org/wiki/Byte``). Only a disk with
+no format URL, or one we do not know, is probed, as a lone image would be (a format we
+recognise but do not read is refused by name, a package inside a package is refused). A disk
+the OVF declares raw is never probed: its bytes are the guest's and may start with any magic.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ from hypersdk.formats.base import DiskImage, FormatDriver, Layout, Progress, Rea
 from hypersdk.formats.vmdk import DRIVER as VMDK
 from hypersdk.formats.vmdk import VmdkLayout
 from hypersdk.io import FileRangeReader, RangeReader, Sink
+from hypersdk.references import printable, require_regular, resolve_reference
 
 if TYPE_CHECKING:
     from hypersdk.models import DiskInfo, VMInfo
@@ -48,6 +60,7 @@ if TYPE_CHECKING:
 
 BLOCK = 512
 MAX_META_MEMBER = 16 * 1024 * 1024  # .ovf, .mf, pax headers: anything bigger is refused
+MAX_MEMBERS = 10_000  # files in an OVA (a descriptor, a manifest, a disk or a few each)
 _ZERO_BLOCK = bytes(BLOCK)
 
 
@@ -157,7 +170,7 @@ class SliceReader:
         self.base = base
         self.offset = offset
         self.size = size
-        self.name = name
+        self.name = printable(name)  # member names come from the archive: shown in messages
         self._owns = owns
 
     def read(self, offset: int, length: int) -> bytes:
@@ -178,6 +191,24 @@ def _safe_name(name: str, where: str) -> str:
     return norm
 
 
+# OVF disk format URLs -> the driver that reads them (first match; "vhdx" before "vhd")
+_FORMAT_URLS = (
+    ("vmdk", "vmdk"),
+    ("qcow", "qcow2"),  # oVirt: http://www.gnome.org/~markmc/qcow-image-format.html
+    ("vhdx", "vhdx"),
+    ("vhd", "vhd"),
+    ("bb676673", "vhd"),  # Citrix: technet.microsoft.com/.../bb676673.aspx, the VHD spec
+    ("vdi", "vdi"),
+    ("wiki/byte", "raw"),  # oVirt, virt-v2v: http://en.wikipedia.org/wiki/Byte
+)
+
+
+def declared_format(url: str) -> str | None:
+    """The driver an OVF disk format URL names, or None (no URL, or one we do not know)."""
+    low = url.lower()
+    return next((fmt for key, fmt in _FORMAT_URLS if key in low), None)
+
+
 class Package:
     """An OVA file, an OVF directory or an .ovf file: the VM and random reads of its disks."""
 
@@ -185,6 +216,7 @@ class Package:
         self.path = os.path.abspath(os.fspath(path)) if archive is None else archive.name
         self._archive: RangeReader | None = None
         self.members: dict[str, Member] = {}
+        self.ovf_path: str | None = None  # the descriptor's path, when it is a local file
         if archive is not None:
             self.dir = None
             self._archive = archive
@@ -195,10 +227,19 @@ class Package:
                 raise FormatError(self.path, f"expected one .ovf descriptor, found {len(ovfs)}")
             self.dir = self.path
             self.ovf_name = ovfs[0]
-            self.ovf_bytes = self._read_file(os.path.join(self.dir, self.ovf_name))
+            self.ovf_path = os.path.join(self.dir, self.ovf_name)
+            real = os.path.realpath(self.ovf_path)
+            if os.path.dirname(real) != os.path.realpath(self.dir):
+                raise FormatError(
+                    self.ovf_path,
+                    f"OVF descriptor resolves to {printable(real)}, outside the package "
+                    "directory: refused",
+                )
+            self.ovf_bytes = self._read_file(self.ovf_path)
         elif self.path.lower().endswith(".ovf"):
             self.dir = os.path.dirname(self.path)
             self.ovf_name = os.path.basename(self.path)
+            self.ovf_path = self.path
             self.ovf_bytes = self._read_file(self.path)
         else:
             self.dir = None
@@ -210,21 +251,24 @@ class Package:
                 raise
         from hypersdk.ovf import parse_ovf
 
-        self.vm, self.disk_files = parse_ovf(self.ovf_bytes, self.ovf_name)
+        self.vm, self.disk_files = parse_ovf(self.ovf_bytes, printable(self.ovf_name))
 
     @staticmethod
     def _read_file(path: str) -> bytes:
+        require_regular(path, "OVF descriptor")  # a FIFO would hang the read, a device is no OVF
+        reader = FileRangeReader(path)
         try:
-            if os.path.getsize(path) > MAX_META_MEMBER:
+            if reader.size > MAX_META_MEMBER:
                 raise FormatError(path, "OVF descriptor is implausibly big")
-            with open(path, "rb") as f:
-                return f.read()
-        except OSError as exc:
-            raise FormatError(path, f"cannot read: {exc.strerror}") from None
+            return reader.read(0, reader.size)
+        finally:
+            reader.close()
 
     def _index(self) -> None:
         assert self._archive is not None
-        for m in tar_members(self._archive):
+        for n, m in enumerate(tar_members(self._archive)):
+            if n == MAX_MEMBERS:  # the index is held in memory; an OVA has a handful
+                raise FormatError(self.path, f"more than {MAX_MEMBERS} files: not an OVA")
             self.members.setdefault(m.name, m)
         if not self.members:
             raise FormatError(self.path, "empty archive: not an OVA")
@@ -239,25 +283,40 @@ class Package:
         self.ovf_bytes = self._archive.read(first.offset, first.size)
 
     def open_file(self, name: str) -> RangeReader:
-        """A reader over a file of the package (tar member or file next to the .ovf)."""
+        """A reader over a file of the package: a tar member (never a local-file reader, so
+        an image inside cannot name host files), or a regular file in the descriptor's own
+        directory (hypersdk.references: symlinks out of it are refused)."""
         name = _safe_name(name, self.path)
         if self._archive is not None:
             m = self.members.get(name)
             if m is None:
                 raise FormatError(self.path, f"the OVA has no member {name!r}")
             return SliceReader(self._archive, m.offset, m.size, f"{self.path}:{name}")
-        assert self.dir is not None
-        full = os.path.join(self.dir, name)
-        if not os.path.isfile(full):
-            raise FormatError(self.path, f"disk file {name!r} is missing")
+        full = resolve_reference(self.ovf_path, name, "disk file")
+        require_regular(full, "disk file")
         return FileRangeReader(full)
 
+    def has_file(self, name: str) -> bool:
+        """Whether the package holds ``name`` (which may still be refused when opened)."""
+        try:
+            name = _safe_name(name, self.path)
+        except FormatError:
+            return False
+        if self._archive is not None:
+            return name in self.members
+        assert self.dir is not None
+        return os.path.lexists(os.path.join(self.dir, name))
+
     def open_disk(self, df: DiskFile) -> DiskImage:
-        from hypersdk.formats import probe
+        """The disk ``df`` with the driver its OVF format URL names, else a probed one."""
+        from hypersdk.formats import get_driver, probe
 
         reader = self.open_file(df.href)
         try:
-            driver = VMDK if "vmdk" in df.format.lower() else probe(reader)
+            declared = declared_format(df.format)
+            driver = get_driver(declared) if declared else probe(reader)
+            if driver.kind == "package":  # an OVA as a disk: a package nested in a package
+                raise FormatError(reader.name, "a disk of the package is itself a package")
             if driver is VMDK:
                 return VMDK.open(reader, opener=self.open_file)
             return driver.open(reader)
@@ -267,10 +326,9 @@ class Package:
 
     def manifest(self) -> dict[str, tuple[str, str]]:
         mf = os.path.splitext(self.ovf_name)[0] + ".mf"
-        try:
-            r = self.open_file(mf)
-        except FormatError:
+        if not self.has_file(mf):
             return {}
+        r = self.open_file(mf)
         try:
             if r.size > MAX_META_MEMBER:
                 raise FormatError(self.path, "manifest is implausibly big")
@@ -441,7 +499,7 @@ class OvaImage(DiskImage):
 
     def info(self) -> dict:
         return {
-            "vm": self.package.vm.name,
+            "vm": printable(self.package.vm.name),
             "disks": len(self.package.disk_files),
             "disk_format": self.inner.format,
             **{f"disk_{k}": v for k, v in self.inner.info().items()},
@@ -475,6 +533,7 @@ class OvaLayout(Layout):
 
 class OvaDriver(FormatDriver):
     name = "ova"
+    kind = "package"
     extensions = (".ova",)
     option_names = ("name", "adapter_type", "hwversion", "compression_level")
     probe_priority = 10

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import struct
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
 from hypersdk.errors import FormatError, InvalidParameterError, UnsupportedFormatError
 from hypersdk.extents import ExtentMap
 from hypersdk.formats._blockfmt import (
-    block_extents,
+    Allocation,
     check_range,
     check_read,
     choice,
@@ -26,6 +26,7 @@ from hypersdk.formats._blockfmt import (
     parse_bool,
     read_mapped,
     refuse_delta,
+    table_chunks,
     used_blocks,
 )
 from hypersdk.formats.base import DiskImage, FormatDriver, Layout, Progress, Readable
@@ -92,51 +93,57 @@ class VdiImage(DiskImage):
         if size > blocks * BLOCK:
             raise FormatError(name, f"VDI disk size {disk_size} exceeds its {blocks} blocks")
         check_range(name, "VDI block map", bmap_off, blocks * 4, fsize)
-        bmap = np.frombuffer(reader.read(bmap_off, blocks * 4), dtype="<u4").astype(np.int64)
-        stored = bmap[bmap < DISCARDED]
-        if stored.size:
-            last = int(stored.max())
-            if last >= blocks:
-                raise FormatError(name, f"VDI block map entry {last} is out of range")
-            check_range(name, f"VDI data block {last}", data_off + last * BLOCK, BLOCK, fsize)
         super().__init__(reader, size)
-        self.image_type = itype
-        self.bmap = bmap
         self.data_off = data_off
+        # only the entries that cover the disk, a chunk at a time, keeping the stored ones:
+        # data blocks may not overlap, so the file bounds how many there are
+        self.alloc = Allocation.collect(
+            name,
+            "VDI block map",
+            self._stored(bmap_off, -(-size // BLOCK), blocks),
+            block=BLOCK,
+            span=BLOCK,
+            file_size=fsize,
+            reserved=[(0, SECTOR, "header"), (bmap_off, bmap_off + blocks * 4, "block map")],
+        )
+        self.image_type = itype
         self.allocated = allocated
         self.uid = uuid.UUID(bytes_le=uid)
 
-    def _locate(self, index: int) -> int | None:
-        entry = int(self.bmap[index])
-        return None if entry >= DISCARDED else self.data_off + entry * BLOCK
+    def _stored(
+        self, bmap_off: int, count: int, blocks: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for first, chunk in table_chunks(self.reader, bmap_off, count, "<u4"):
+            (hits,) = np.nonzero(chunk < DISCARDED)
+            stored = chunk[hits].astype(np.int64)
+            if stored.size and int(stored.max()) >= blocks:
+                raise FormatError(
+                    self.name, f"VDI block map entry {int(stored.max())} is out of range"
+                )
+            yield hits + first, self.data_off + stored * BLOCK
 
     def read(self, offset: int, length: int) -> bytes:
         check_read(self.name, offset, length, self.virtual_size)
-        return read_mapped(self.reader, offset, length, BLOCK, self._locate)
+        return read_mapped(self.reader, offset, length, BLOCK, self.alloc.locate)
 
     def extents(self) -> ExtentMap:
-        used = map(int, np.flatnonzero(self.bmap < DISCARDED))
-        return block_extents(used, BLOCK, self.virtual_size)
+        return self.alloc.extents(self.virtual_size)
 
     def info(self) -> dict:
         return {
             "subformat": "static" if self.image_type == STATIC else "dynamic",
             "block_size": BLOCK,
-            "allocated_blocks": int((self.bmap < DISCARDED).sum()),
+            "allocated_blocks": len(self.alloc),
             "uuid": str(self.uid),
         }
 
     def check(self) -> list[str]:
-        problems = []
-        stored = self.bmap[self.bmap < DISCARDED]
-        values, counts = np.unique(stored, return_counts=True)
-        for v in values[counts > 1][:10].tolist():
-            problems.append(f"data block {v} is used by more than one guest block")
-        if stored.size > self.allocated:
-            problems.append(
-                f"{stored.size} blocks mapped but the header counts {self.allocated} allocated"
-            )
-        return problems
+        """Shared or out-of-file data blocks are refused at open; what is left to find is a
+        header whose allocated-block count disagrees with the map."""
+        mapped = len(self.alloc)
+        if mapped > self.allocated:
+            return [f"{mapped} blocks mapped but the header counts {self.allocated} allocated"]
+        return []
 
 
 # ------------------------------------------------------------------------------------ writer

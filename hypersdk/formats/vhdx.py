@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -22,7 +22,8 @@ from hypersdk.errors import FormatError, InvalidParameterError, UnsupportedForma
 from hypersdk.extents import ExtentMap
 from hypersdk.formats import _vhdx_layout as L
 from hypersdk.formats._blockfmt import (
-    block_extents,
+    TABLE_CHUNK,
+    Allocation,
     check_range,
     check_read,
     choice,
@@ -31,6 +32,7 @@ from hypersdk.formats._blockfmt import (
     parse_size,
     read_mapped,
     refuse_delta,
+    table_chunks,
     used_blocks,
 )
 from hypersdk.formats._vhdx_log import ReplayedReader, active_sequence
@@ -41,6 +43,7 @@ MiB = L.MiB
 LOG_OFFSET, LOG_LENGTH = 1 * MiB, 1 * MiB
 METADATA_OFFSET, METADATA_LENGTH = 2 * MiB, 1 * MiB
 BAT_OFFSET = 3 * MiB
+MAX_LOG = 128 * MiB  # a log is held in memory while it is replayed
 
 
 def default_block_size(size: int) -> int:
@@ -78,7 +81,10 @@ class VhdxImage(DiskImage):
         bat_off, bat_len = regions[L.BAT_GUID]
         meta_off, meta_len = regions[L.METADATA_GUID]
         self._metadata(meta_off, meta_len)
-        self._load_bat(bat_off, bat_len)
+        reserved = [(meta_off, meta_off + meta_len, "metadata region")]
+        if log_guid != bytes(16) or log_length:
+            reserved.append((log_offset, log_offset + log_length, "log"))
+        self._load_bat(bat_off, bat_len, reserved)
 
     # -- headers and tables
     def _bad(self, problem: str) -> FormatError:
@@ -100,10 +106,17 @@ class VhdxImage(DiskImage):
         """A non-zero log GUID may mean writes not yet applied: replay them in memory."""
         if offset % MiB or length % MiB or length == 0:
             raise self._bad("VHDX log offset/length are not 1 MiB multiples")
+        if length > MAX_LOG:
+            raise UnsupportedFormatError(
+                self.name,
+                f"VHDX log of {length} bytes is not supported (at most {MAX_LOG}; Hyper-V and "
+                "qemu write 1 MiB logs)",
+            )
         check_range(self.name, "VHDX log", offset, length, self.fsize)
-        entries = active_sequence(self.reader.read(offset, length), log_guid)
+        log = self.reader.read(offset, length)
+        entries = active_sequence(log, log_guid)
         if entries:
-            self.reader = ReplayedReader(self.reader, entries)
+            self.reader = ReplayedReader(self.reader, log, entries)
             self.fsize = self.reader.size
             self.replayed = len(entries)
 
@@ -183,74 +196,73 @@ class VhdxImage(DiskImage):
         page83 = items.get(L.PAGE83_DATA)
         self.disk_id = uuid.UUID(bytes_le=page83[:16]) if page83 and len(page83) >= 16 else None
 
-    def _load_bat(self, offset: int, length: int) -> None:
+    def _load_bat(self, offset: int, length: int, reserved: list[tuple[int, int, str]]) -> None:
         ratio = L.chunk_ratio(self.block, self.logical)
         blocks = -(-self.virtual_size // self.block)
         entries = L.bat_entries(blocks, ratio)
         if entries * 8 > length:
             raise self._bad(f"VHDX BAT region ({length} bytes) is too small for {entries} entries")
-        raw = np.frombuffer(self.reader.read(offset, entries * 8), dtype="<u8")
-        padded = np.zeros(-(-entries // (ratio + 1)) * (ratio + 1), dtype=np.uint64)
-        padded[:entries] = raw
-        payload = padded.reshape(-1, ratio + 1)[:, :ratio].ravel()[:blocks]
-        states = (payload & np.uint64(7)).astype(np.int64)
-        present = states == L.FULLY_PRESENT
-        if (states == L.PARTIALLY_PRESENT).any():
-            raise UnsupportedFormatError(
-                self.name, "VHDX block partially present: differencing data is not supported"
-            )
-        bad = ~np.isin(states, (*L.ZERO_STATES, L.FULLY_PRESENT))
-        if bad.any():
-            raise self._bad(f"VHDX BAT entry for block {int(np.argmax(bad))} has a bad state")
-        offsets = (payload & np.uint64(L.OFFSET_MASK)).astype(np.int64)
-        offsets[~present] = -1
-        if present.any():
-            used = offsets[present]
-            worst = int(used.max())
-            if int(used.min()) < 1 * MiB or worst + self.block > self.fsize:
-                raise self._bad(
-                    "VHDX BAT points a block outside the file (first MiB or beyond the end): "
-                    "the image is truncated or corrupt"
+        # a chunk of whole chunk-ratio groups at a time, keeping only present blocks: they may
+        # not overlap each other or the headers, log, metadata and BAT, so the file bounds them
+        self.alloc = Allocation.collect(
+            self.name,
+            "VHDX BAT",
+            self._present(offset, entries, blocks, ratio),
+            block=self.block,
+            span=self.block,
+            file_size=self.fsize,
+            reserved=[(0, MiB, "headers"), *reserved, (offset, offset + length, "BAT")],
+        )
+
+    def _present(
+        self, offset: int, entries: int, blocks: int, ratio: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        group = ratio + 1  # ratio payload entries, then one sector-bitmap entry
+        step = group * max(1, TABLE_CHUNK // group)
+        for first, chunk in table_chunks(self.reader, offset, entries, "<u8", step):
+            if not chunk.any():  # NOT_PRESENT throughout (a sparse disk's BAT is mostly holes)
+                continue
+            padded = np.zeros(-(-len(chunk) // group) * group, dtype=np.uint64)
+            padded[: len(chunk)] = chunk
+            base = first // group * ratio
+            payload = padded.reshape(-1, group)[:, :ratio].ravel()[: max(0, blocks - base)]
+            states = (payload & np.uint64(7)).astype(np.int64)
+            if (states == L.PARTIALLY_PRESENT).any():
+                raise UnsupportedFormatError(
+                    self.name, "VHDX block partially present: differencing data is not supported"
                 )
-        self.bat_offset, self.bat_length = offset, length
-        self.offsets = offsets
+            bad = (states > L.UNMAPPED) & (states < L.FULLY_PRESENT)  # 4 and 5 mean nothing
+            if bad.any():
+                raise self._bad(
+                    f"VHDX BAT entry for block {base + int(np.argmax(bad))} has a bad state"
+                )
+            (hits,) = np.nonzero(states == L.FULLY_PRESENT)
+            where = (payload[hits] & np.uint64(L.OFFSET_MASK)).astype(np.int64)
+            yield hits + base, where
 
     # -- access
-    def _locate(self, index: int) -> int | None:
-        where = int(self.offsets[index])
-        return None if where < 0 else where
-
     def read(self, offset: int, length: int) -> bytes:
         check_read(self.name, offset, length, self.virtual_size)
-        return read_mapped(self.reader, offset, length, self.block, self._locate)
+        return read_mapped(self.reader, offset, length, self.block, self.alloc.locate)
 
     def extents(self) -> ExtentMap:
-        used = map(int, np.flatnonzero(self.offsets >= 0))
-        return block_extents(used, self.block, self.virtual_size)
+        return self.alloc.extents(self.virtual_size)
 
     def info(self) -> dict:
         return {
             "block_size": self.block,
             "logical_sector_size": self.logical,
             "physical_sector_size": self.physical,
-            "allocated_blocks": int((self.offsets >= 0).sum()),
+            "allocated_blocks": len(self.alloc),
             "header_sequence": self.seq,
             "log_entries_replayed": self.replayed,
             "disk_id": str(self.disk_id) if self.disk_id else None,
         }
 
     def check(self) -> list[str]:
-        problems = []
-        used = sorted((int(o), i) for i, o in enumerate(self.offsets.tolist()) if o >= 0)
-        meta_end = 1 * MiB
-        for n, (start, i) in enumerate(used):
-            if start < meta_end:
-                problems.append(f"block {i} at {start} overlaps the headers")
-            if self.bat_offset < start + self.block and start < self.bat_offset + self.bat_length:
-                problems.append(f"block {i} at {start} overlaps the BAT")
-            if n and used[n - 1][0] + self.block > start:
-                problems.append(f"block {i} at {start} overlaps block {used[n - 1][1]}")
-        return problems[:20]
+        """Blocks past the file end or over the headers, log, metadata, BAT or each other are
+        refused when the image is opened (as qemu does for the regions)."""
+        return []
 
 
 # ------------------------------------------------------------------------------------ writer

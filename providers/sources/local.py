@@ -4,6 +4,15 @@
 relative to the VM directory (``backing``). A source URL points at a directory of such VMs
 (``local:///var/lib/vms``) or at one VM directory.
 
+A VM directory is untrusted input. ``vm.json`` is read with a size bound and any problem with it
+is one SourceError line. A disk must be a regular file inside the VM directory once symlinks are
+resolved (hypersdk.references), and so must every file its image refers to (backing files,
+extents); ``local:///vms?allow_outside=true`` is the explicit opt-in for disks elsewhere. A disk
+without a declared ``format`` is exported only if it probes as raw: a guest writes what it likes
+into a raw disk, a qcow2 header with a backing file name included, so a header alone never
+decides that a disk is a container. Names from ``vm.json`` become paths only once encoded
+(hypersdk.names), and the state kept under ``.hypersdk`` never goes through a symlink.
+
 Snapshots: a reflink clone (FICLONE) of each disk where the filesystem supports it (XFS, Btrfs):
 later writes to the live disk cannot change it. Elsewhere (ext4, tmpfs) the documented fallback is
 a *checked* promise: the VM must be powered off, and the disk's size, mtime and inode are recorded
@@ -21,14 +30,16 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import shutil
+import stat
+import tempfile
 import time
 import uuid
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import pydantic_core
 from pydantic import ValidationError
 
 from hypersdk.blockmap import BlockMap, BlockMapBuilder, block_size_for
@@ -41,33 +52,76 @@ from hypersdk.errors import (
     SourceError,
     VMNotFoundError,
 )
-from hypersdk.formats import open_image
+from hypersdk.extents import ExtentMap
+from hypersdk.formats import open_image, probe
 from hypersdk.formats.base import DiskImage
 from hypersdk.io import FileRangeReader
 from hypersdk.models import DiskInfo, Snapshot, SnapshotDisk, VMInfo
-from providers.base import DiskChanges, Source
+from hypersdk.names import is_export_id, safe_component
+from hypersdk.references import ReferencePolicy, printable, require_regular, resolve_reference
+from providers.base import DiskChanges, Progress, Source
 
 DESCRIPTION = "vm.json"
+MAX_DESCRIPTION = 1024 * 1024  # a VM description is a few KiB; more is not one
 STATE_DIR = ".hypersdk"
 KEEP_MAPS = 8  # change maps kept per disk: older change ids fall back to a full export
 FICLONE = 0x40049409
+_TRUE = {"1", "true", "yes", "on"}
+_RESOLVE_ONLY = ReferencePolicy(allow_outside=True)  # LocalSource._check_inside decides
+
+
+def _read_description(vm_dir: Path) -> bytes:
+    """vm.json's bytes: a regular file of at most MAX_DESCRIPTION bytes (a FIFO or a device
+    would hang or never end)."""
+    path = vm_dir / DESCRIPTION
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise VMNotFoundError(f"{vm_dir}: no {DESCRIPTION} (not a VM directory)") from None
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read VM description: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SourceError(f"{path}: VM description is not a regular file")
+        chunks, got = [], 0
+        while got <= MAX_DESCRIPTION:
+            chunk = os.read(fd, MAX_DESCRIPTION + 1 - got)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read VM description: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if got > MAX_DESCRIPTION:
+        raise SourceError(f"{path}: VM description is larger than {MAX_DESCRIPTION} bytes")
+    return b"".join(chunks)
 
 
 def load_vm(vm_dir: Path) -> VMInfo:
     path = vm_dir / DESCRIPTION
+    data = _read_description(vm_dir)
     try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise VMNotFoundError(f"{vm_dir}: no {DESCRIPTION} (not a VM directory)") from None
-    except (OSError, ValueError) as exc:
-        raise SourceError(f"{path}: cannot read VM description: {exc}") from None
+        raw = pydantic_core.from_json(data)  # iterative: deep nesting is an error, no recursion
+    except ValueError as exc:
+        raise SourceError(f"{path}: VM description is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SourceError(f"{path}: VM description must be a JSON object")
     raw.setdefault("id", vm_dir.name)
     try:
-        return VMInfo.model_validate(raw)
+        vm = VMInfo.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise SourceError(f"{path}: invalid VM description at {where}: {first['msg']}") from None
+        where = printable(".".join(str(p) for p in first["loc"]))
+        msg = printable(first["msg"])
+        raise SourceError(f"{path}: invalid VM description at {where}: {msg}") from None
+    names = [d.name for d in vm.disks]
+    for name in names:
+        if not name or names.count(name) > 1:
+            problem = "is empty" if not name else "is not unique"
+            raise SourceError(f"{path}: disk name {printable(name)!r} {problem}")
+    return vm
 
 
 def save_vm(vm_dir: Path, vm: VMInfo) -> None:
@@ -96,22 +150,46 @@ def _stamp(path: Path) -> list[int]:
 class LocalSource(Source):
     schemes = ("local",)
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, allow_outside: bool = False):
         self.root = Path(root).expanduser().absolute()
+        self.allow_outside = allow_outside
 
     @classmethod
     def from_url(cls, url: str, **options) -> LocalSource:
+        allow = options.pop("allow_outside", False)
         if options:
-            raise InvalidParameterError(f"local source takes no options (got {', '.join(options)})")
+            raise InvalidParameterError(
+                f"local source takes only the allow_outside option (got {', '.join(options)})"
+            )
+        if isinstance(allow, str):
+            allow = allow.strip().lower() in _TRUE
         parts = urlsplit(url)
         path = unquote(parts.netloc + parts.path) if parts.scheme == "local" else url
         if not path:
             raise InvalidParameterError(f"local source URL has no path: {url!r}")
-        return cls(path)
+        return cls(path, allow_outside=bool(allow))
 
     @property
     def url(self) -> str:
-        return f"local://{self.root}"
+        return f"local://{self.root}" + ("?allow_outside=true" if self.allow_outside else "")
+
+    def _policy(self, vm_dir: Path) -> ReferencePolicy:
+        """Images of the VM may refer to any file of its directory (a disk in ``disks/`` to a
+        base image next to vm.json), and anywhere only when the user opted in."""
+        return ReferencePolicy(
+            allow_outside=self.allow_outside, roots=(str(vm_dir),), repository_chains=False
+        )
+
+    def _check_inside(self, vm_dir: Path, path: str, what: str) -> None:
+        """``path`` (already resolved) lies in the VM directory, or the user allowed outside."""
+        home = os.path.realpath(vm_dir)
+        if self.allow_outside or path == home or path.startswith(home.rstrip(os.sep) + os.sep):
+            return
+        raise FormatError(
+            str(vm_dir / DESCRIPTION),
+            f"{what} resolves to {printable(path)}, outside the VM directory {printable(home)}: "
+            "refused (add ?allow_outside=true to the local:// source URL if you trust it)",
+        )
 
     # -- inventory ------------------------------------------------------------------------------
     def _vm_dirs(self) -> list[Path]:
@@ -134,27 +212,57 @@ class LocalSource(Source):
         return load_vm(self.vm_dir(name))
 
     def _disk_path(self, vm_dir: Path, disk: DiskInfo) -> Path:
+        """The disk's image file: resolved, inside the VM directory (unless allowed outside),
+        a regular file (never a FIFO or a device)."""
         rel = disk.backing or f"{disk.name}.img"
-        path = (vm_dir / rel).resolve()
-        if not path.is_file():
-            raise DiskReadError(f"disk {disk.name!r} of VM {vm_dir.name!r}: {path} does not exist")
+        what = f"disk {printable(disk.name)!r}"
+        # resolve_reference checks the name and resolves it; _check_inside decides, against
+        # the VM directory itself (vm.json may be a symlink: its target's directory is not ours)
+        path = resolve_reference(str(vm_dir / DESCRIPTION), rel, what, _RESOLVE_ONLY)
+        self._check_inside(vm_dir, path, f"{what} ({printable(rel)!r})")
+        if not os.path.lexists(path):
+            raise DiskReadError(f"{what} of VM {printable(vm_dir.name)!r}: {path} does not exist")
+        require_regular(path, f"{what} of VM {printable(vm_dir.name)!r}")
         if not os.access(path, os.R_OK):
-            raise DiskReadError(f"disk {disk.name!r} of VM {vm_dir.name!r}: {path} is not readable")
-        return path
+            raise DiskReadError(f"{what} of VM {printable(vm_dir.name)!r}: {path} is not readable")
+        return Path(path)
+
+    def preflight(self, vm: VMInfo) -> None:
+        """Every disk file exists, is readable and lies where it may; a stopped VM or one on a
+        filesystem with reflink clones (the snapshot's own check happens at snapshot time)."""
+        vm_dir = self.vm_dir(vm.name)
+        for disk in vm.disks:
+            self._disk_path(vm_dir, disk)
+
+    @staticmethod
+    def _state_dir(vm_dir: Path, *parts: str) -> Path:
+        """``<vm>/.hypersdk/<parts>``, created; SourceError if any of it is a symlink or not a
+        directory (state written through a link would land, or be pruned, elsewhere)."""
+        path = vm_dir / STATE_DIR
+        for step in (path, *(path.joinpath(*parts[: i + 1]) for i in range(len(parts)))):
+            try:
+                step.mkdir(exist_ok=True)
+            except OSError as exc:
+                raise SourceError(
+                    f"{step}: cannot create state directory: {exc.strerror}"
+                ) from None
+            if not stat.S_ISDIR(os.lstat(step).st_mode):
+                raise SourceError(f"{step}: state directory is a symlink or not a directory")
+        return path.joinpath(*parts)
 
     # -- snapshots ------------------------------------------------------------------------------
     def create_snapshot(self, vm: str) -> Snapshot:
         vm_dir = self.vm_dir(vm)
         info = load_vm(vm_dir)
         snap_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
-        snap_dir = vm_dir / STATE_DIR / "snapshots" / snap_id
-        snap_dir.mkdir(parents=True, exist_ok=False)
+        snap_dir = self._state_dir(vm_dir, "snapshots") / snap_id
+        snap_dir.mkdir(exist_ok=False)
         disks, files, stamps = [], {}, {}
         cloned = True
         try:
-            for disk in info.disks:
+            for i, disk in enumerate(info.disks):
                 live = self._disk_path(vm_dir, disk)
-                clone = snap_dir / live.name
+                clone = snap_dir / f"{i}-{live.name}"  # two disks may share a file name
                 if cloned and _reflink(live, clone):
                     files[disk.name] = str(clone)
                 else:
@@ -192,7 +300,10 @@ class LocalSource(Source):
         )
 
     def remove_snapshot(self, snap: Snapshot) -> None:
-        shutil.rmtree(snap.provider_data.get("snap_dir", ""), ignore_errors=True)
+        snap_dir = snap.provider_data.get("snap_dir", "")
+        vm_dir = snap.provider_data.get("vm_dir", "")
+        if snap_dir and vm_dir and Path(snap_dir).parent == Path(vm_dir) / STATE_DIR / "snapshots":
+            shutil.rmtree(snap_dir, ignore_errors=True)  # only a snapshot directory of ours
 
     def verify_snapshot(self, snap: Snapshot) -> None:
         for name, stamp in snap.provider_data.get("stamps", {}).items():
@@ -208,35 +319,82 @@ class LocalSource(Source):
                 )
 
     # -- data -----------------------------------------------------------------------------------
-    def open_disk(self, snap: Snapshot, disk: DiskInfo) -> DiskImage:
+    def open_disk(
+        self,
+        snap: Snapshot,
+        disk: DiskInfo,
+        planned: ExtentMap | None = None,
+        progress: Progress | None = None,
+    ) -> DiskImage:
         try:
             path = snap.provider_data["files"][disk.name]
         except KeyError:
             raise SnapshotError(f"snapshot {snap.id} has no disk {disk.name!r}") from None
+        vm_dir = Path(snap.provider_data["vm_dir"])
+        what = f"disk {printable(disk.name)!r}"
+        real = os.path.realpath(path)  # re-checked: the directory may have changed since
+        self._check_inside(vm_dir, real, what)
+        require_regular(real, what)
+        fmt = disk.format or self._probe_raw(real, disk)
         try:
-            return open_image(path, disk.format)
+            return open_image(real, fmt, self._policy(vm_dir))
         except FormatError:
             raise
         except OSError as exc:
             raise DiskReadError(f"{path}: {exc.strerror}") from None
 
+    @staticmethod
+    def _probe_raw(path: str, disk: DiskInfo) -> str:
+        """The format of a disk whose format vm.json leaves out: raw, if its bytes do not look
+        like a container. A container-looking one is refused rather than opened: a guest can
+        write any header into a raw disk (a qcow2 header naming a backing file on the host)."""
+        with FileRangeReader(path) as reader:
+            looks = probe(reader).name
+        if looks == "raw":
+            return "raw"
+        raise FormatError(
+            path,
+            f'disk {printable(disk.name)!r} has no "format" in {DESCRIPTION} and its contents '
+            f"look like {looks}: refused, because a guest can write any header into a raw disk. "
+            f'Declare "format": "{looks}" (or "raw") for this disk in {DESCRIPTION}',
+        )
+
     def _cbt_dir(self, snap: Snapshot, disk: DiskInfo) -> Path:
-        return Path(snap.provider_data["vm_dir"]) / STATE_DIR / "cbt" / disk.name
+        """The disk's change-map directory: one component per disk, whatever its name."""
+        vm_dir = Path(snap.provider_data["vm_dir"])
+        return self._state_dir(vm_dir, "cbt", safe_component(disk.name, "disk name"))
 
     def _map_path(self, snap: Snapshot, disk: DiskInfo, change_id: str) -> Path:
+        if not is_export_id(change_id):  # ids are ours (snapshot ids): anything else is planted
+            raise InvalidParameterError(f"change id {printable(change_id)!r} is malformed")
         return self._cbt_dir(snap, disk) / f"{change_id}.bmap"
 
     def _save_map(self, snap: Snapshot, disk: DiskInfo, bmap: BlockMap, keep: set) -> None:
         path = self._map_path(snap, disk, snap.id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        bmap.save(path)
+        # BlockMap.save's temporary name is predictable: give it a fresh private directory
+        private = tempfile.mkdtemp(prefix=".save-", dir=path.parent)
+        try:
+            bmap.save(os.path.join(private, path.name))
+            os.replace(os.path.join(private, path.name), path)
+        finally:
+            shutil.rmtree(private, ignore_errors=True)
         self._prune(path.parent, keep=keep | {snap.id})
 
-    def _scan_map(self, snap: Snapshot, disk: DiskInfo) -> BlockMap:
+    def _load_map(self, path: Path) -> BlockMap:
+        """A saved map; FileNotFoundError if absent, FormatError if it is not a regular file (a
+        planted FIFO would hang the read) or not a map."""
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError(str(path), "block map is not a regular file")
+        return BlockMap.load(path)
+
+    def _scan_map(
+        self, snap: Snapshot, disk: DiskInfo, progress: Progress | None = None
+    ) -> BlockMap:
         image = self.open_disk(snap, disk)
         try:
             block = block_size_for(image.size)
-            return BlockMap.scan(image, image.extents(), block, progress=self.progress)
+            return BlockMap.scan(image, image.extents(), block, progress=progress)
         finally:
             image.close()
 
@@ -252,16 +410,21 @@ class LocalSource(Source):
             image.close()
         return DiskChanges(extents, snap.id, None, note=note)
 
-    def changed_extents(self, snap: Snapshot, disk: DiskInfo, since: str | None) -> DiskChanges:
+    def changed_extents(
+        self, snap: Snapshot, disk: DiskInfo, since: str | None, progress: Progress | None = None
+    ) -> DiskChanges:
         if since is None:
             return self._full(snap, disk)
+        if not is_export_id(since):
+            note = f"change id {printable(since)[:80]!r} is malformed: full export instead"
+            return self._full(snap, disk, note)
         old_path = self._map_path(snap, disk, since)
         try:
-            old_map = BlockMap.load(old_path)
+            old_map = self._load_map(old_path)
         except (FileNotFoundError, FormatError) as exc:
             reason = "no longer kept" if isinstance(exc, FileNotFoundError) else "unreadable"
             return self._full(snap, disk, f"change id {since} is {reason}: full export instead")
-        new_map = self._scan_map(snap, disk)
+        new_map = self._scan_map(snap, disk, progress)
         self._save_map(snap, disk, new_map, keep={since})
         if old_map.block_size != new_map.block_size:  # the disk grew past a map-size step
             note = "block size changed: full export instead"
@@ -279,10 +442,12 @@ class LocalSource(Source):
 
     @staticmethod
     def _prune(cbt_dir: Path, keep: set) -> None:
-        maps = sorted(cbt_dir.glob("*.bmap"))
+        """Drop the oldest maps of this one disk directory (only names of maps we write)."""
+        maps = sorted(p for p in cbt_dir.glob("*.bmap") if is_export_id(p.stem))
         for old in maps[:-KEEP_MAPS]:
             if old.stem not in keep:
-                old.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # a planted directory stays where it is
+                    old.unlink(missing_ok=True)
 
 
 SOURCE = LocalSource

@@ -14,10 +14,11 @@ import uuid
 from urllib.parse import unquote, urlsplit
 
 from hypersdk.errors import InvalidParameterError, SnapshotError, SourceError, VMNotFoundError
+from hypersdk.extents import ExtentMap
 from hypersdk.formats.base import DiskImage
 from hypersdk.formats.ova import Package
 from hypersdk.models import DiskInfo, Snapshot, SnapshotDisk, VMInfo
-from providers.base import DiskChanges, Source
+from providers.base import DiskChanges, Progress, Source
 
 
 class OvaSource(Source):
@@ -70,7 +71,13 @@ class OvaSource(Source):
             raise VMNotFoundError(f"VM {name!r} not found in {self.path} (it holds {vm.name!r})")
         return vm
 
-    def open_disk(self, snap: Snapshot, disk: DiskInfo) -> DiskImage:
+    def open_disk(
+        self,
+        snap: Snapshot,
+        disk: DiskInfo,
+        planned: ExtentMap | None = None,
+        progress: Progress | None = None,
+    ) -> DiskImage:
         pkg = self.package()
         for df in pkg.disk_files:
             if df.disk.name == disk.name or (disk.key and df.disk_id == disk.key):
@@ -79,7 +86,9 @@ class OvaSource(Source):
             f"VM {snap.vm.name!r} in {self.path} has no disk file for {disk.name!r}"
         )
 
-    def changed_extents(self, snap: Snapshot, disk: DiskInfo, since: str | None) -> DiskChanges:
+    def changed_extents(
+        self, snap: Snapshot, disk: DiskInfo, since: str | None, progress: Progress | None = None
+    ) -> DiskChanges:
         image = self.open_disk(snap, disk)
         try:
             extents = image.extents()

@@ -78,6 +78,19 @@ class LocalTarget(Target):
             raise InvalidParameterError(f"object key escapes the target directory: {key!r}")
         return full
 
+    def preflight(self) -> None:
+        """The directory, or the nearest one that exists above it, must take new files."""
+        place = self.root
+        while not os.path.exists(place):
+            parent = os.path.dirname(place)
+            if parent == place:
+                break
+            place = parent
+        if not os.path.isdir(place):
+            raise TargetError(f"{self.root}: {place} is not a directory")
+        if not os.access(place, os.W_OK | os.X_OK):
+            raise TargetError(f"{self.root}: {place} is not writable")
+
     def location(self, key: str) -> str:
         return self.path(key)
 

@@ -61,11 +61,12 @@ class Credentials(BaseModel):
 
 
 def _split_host(netloc: str) -> tuple[str, int | None]:
-    parts = urlsplit(f"//{netloc}")
     try:
+        parts = urlsplit(f"//{netloc}")
         port = parts.port
-    except ValueError:
-        raise InvalidParameterError(f"invalid port in {netloc!r}") from None
+    except ValueError:  # the message names the host only: user info may hold a password
+        host = netloc.rpartition("@")[2]
+        raise InvalidParameterError(f"invalid host or port in {host!r}") from None
     return parts.hostname or "", port
 
 
@@ -74,13 +75,13 @@ def _govc_url(env) -> tuple[str, int | None, str | None, str | None]:
     raw = env.get("GOVC_URL", "").strip()
     if not raw:
         return "", None, None, None
-    parts = urlsplit(raw if "://" in raw else f"https://{raw}")
-    user = unquote(parts.username) if parts.username else None
-    password = unquote(parts.password) if parts.password else None
-    try:
+    try:  # messages never quote GOVC_URL: it may hold a password
+        parts = urlsplit(raw if "://" in raw else f"https://{raw}")
         port = parts.port
     except ValueError:
-        raise InvalidParameterError("GOVC_URL has an invalid port") from None
+        raise InvalidParameterError("GOVC_URL has an invalid host or port") from None
+    user = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
     return parts.hostname or "", port, user, password
 
 

@@ -27,8 +27,9 @@ from hypersdk.errors import (
     InvalidParameterError,
     SourceError,
 )
+from hypersdk.extents import ExtentMap
 from hypersdk.models import DiskInfo, Snapshot, VMInfo
-from providers.base import DiskChanges, Source
+from providers.base import DiskChanges, Progress, Source
 from providers.vsphere import cbt, snapshots
 from providers.vsphere.connection import (
     DEFAULT_PORT,
@@ -41,11 +42,6 @@ from providers.vsphere.connection import (
 )
 from providers.vsphere.download import DatastoreReader, folder_url, resolve_flat
 from providers.vsphere.inventory import Inventory
-
-# Extents handed out by changed_extents, by (host, snapshot, disk key): open_disk announces them to
-# its reader so the workers fetch ahead (the flow runs cbt-diff then export in one process).
-_PLANNED: dict[tuple[str, str, str], object] = {}
-_PLANNED_MAX = 64
 
 log = logging.getLogger(__name__)
 
@@ -202,22 +198,17 @@ class VSphereSource(Source):
         return cbt.status(self.vm_ref(vm))
 
     @_mapped
-    def changed_extents(self, snap: Snapshot, disk: DiskInfo, since: str | None) -> DiskChanges:
+    def changed_extents(
+        self, snap: Snapshot, disk: DiskInfo, since: str | None, progress: Progress | None = None
+    ) -> DiskChanges:
         from pyVmomi import vmodl
 
         try:
-            changes = cbt.changed_extents(self.session, snap, disk, since)
+            return cbt.changed_extents(self.session, snap, disk, since)
         except vmodl.fault.ManagedObjectNotFound:
             raise SourceError(
                 f"snapshot {snap.id} of VM {snap.vm.name!r} no longer exists on {self.url}"
             ) from None
-        while len(_PLANNED) >= _PLANNED_MAX:
-            _PLANNED.pop(next(iter(_PLANNED)))
-        _PLANNED[self._plan_key(snap, disk)] = changes.extents
-        return changes
-
-    def _plan_key(self, snap: Snapshot, disk: DiskInfo) -> tuple[str, str, str]:
-        return (self.creds.host, str(snap.provider_data.get("snapshot")), disk.name)
 
     # -- data -------------------------------------------------------------------------------------
     def _snap_disk(self, snap: Snapshot, disk: DiskInfo) -> DiskInfo:
@@ -227,8 +218,15 @@ class VSphereSource(Source):
         raise SourceError(f"snapshot {snap.id} has no disk {disk.name!r}")
 
     @_mapped
-    def open_disk(self, snap: Snapshot, disk: DiskInfo) -> DatastoreReader:
-        """Ranged HTTPS reads of the snapshot's (read-only, base) disk via the datastore."""
+    def open_disk(
+        self,
+        snap: Snapshot,
+        disk: DiskInfo,
+        planned: ExtentMap | None = None,
+        progress: Progress | None = None,
+    ) -> DatastoreReader:
+        """Ranged HTTPS reads of the snapshot's (read-only, base) disk via the datastore; the
+        workers fetch the ``planned`` extents ahead, in order."""
         sdisk = self._snap_disk(snap, disk)
         dc = snap.provider_data.get("datacenter")
         if not dc or not sdisk.backing:
@@ -253,9 +251,8 @@ class VSphereSource(Source):
             on_unauthorized=relogin,
             workers=self.workers,
             attempts=self.attempts,
-            progress=self.progress,
+            progress=progress,
         )
-        planned = _PLANNED.get(self._plan_key(snap, disk))
         if planned is not None:
             reader.prefetch(e for e in planned if not e.zero)
         return reader
@@ -277,7 +274,7 @@ class VSphereSource(Source):
             disks = []
             for sd in snap.disks:
                 changes = self.changed_extents(snap, sd.disk, None)
-                reader = self.open_disk(snap, sd.disk)
+                reader = self.open_disk(snap, sd.disk, changes.extents)
                 stack.callback(reader.close)
                 disks.append((sd.disk, reader, changes.extents))
             with atomic_file(dest) as sink:
