@@ -165,7 +165,27 @@ class Sink(Protocol):
     def tell(self) -> int: ...
 
 
-class StreamSink:
+def write_zero_bytes(write, length: int) -> None:
+    """Feed ``length`` zero bytes to ``write`` (a sink's or a hasher's), a chunk at a time."""
+    view = memoryview(_ZEROS)
+    while length > 0:
+        n = min(length, IO_CHUNK)
+        write(view[:n])
+        length -= n
+
+
+class ZeroBytesSink:
+    """Base of sinks that store every byte (streams, uploads, encryptors): zeros are written
+    as real zero bytes. Sinks onto local files override ``write_zeros`` to leave holes."""
+
+    def write(self, data: bytes | memoryview) -> int:
+        raise NotImplementedError
+
+    def write_zeros(self, length: int) -> None:
+        write_zero_bytes(self.write, length)
+
+
+class StreamSink(ZeroBytesSink):
     """Adapts any object with ``write`` (a pipe, an upload stream, an encryptor) to a Sink."""
 
     def __init__(self, stream):
@@ -176,12 +196,6 @@ class StreamSink:
         self._stream.write(data)
         self._pos += len(data)
         return len(data)
-
-    def write_zeros(self, length: int) -> None:
-        while length > 0:
-            n = min(length, IO_CHUNK)
-            self.write(memoryview(_ZEROS)[:n])
-            length -= n
 
     def tell(self) -> int:
         return self._pos
@@ -395,14 +409,8 @@ class TeeSink:
 
     def write_zeros(self, length: int) -> None:
         self._inner.write_zeros(length)
-        if self._observers:
-            remaining = length
-            while remaining > 0:
-                n = min(remaining, IO_CHUNK)
-                chunk = memoryview(_ZEROS)[:n]
-                for obs in self._observers:
-                    obs.update(chunk)
-                remaining -= n
+        for obs in self._observers:
+            write_zero_bytes(obs.update, length)
 
     def tell(self) -> int:
         return self._inner.tell()

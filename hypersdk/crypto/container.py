@@ -19,7 +19,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from hypersdk.errors import DecryptionError, InvalidParameterError
-from hypersdk.io import IO_CHUNK
+from hypersdk.io import ZeroBytesSink
 
 MAGIC = b"HSDKCRYP"
 VERSION = 1
@@ -33,7 +33,6 @@ DEFAULT_CHUNK = 1024 * 1024
 MIN_CHUNK = 4096
 MAX_CHUNK = 64 * 1024 * 1024
 MAX_CHUNKS = 2**32 - 1
-_ZEROS = bytes(IO_CHUNK)
 
 KDF_SCRYPT = 1
 KDF_ARGON2ID = 2
@@ -167,7 +166,7 @@ def plaintext_layout(total: int, chunk_size: int, name: str) -> tuple[int, int]:
     return body - chunks * TAG, chunks
 
 
-class Encryptor:
+class Encryptor(ZeroBytesSink):
     """A Sink that encrypts into ``inner`` (anything with ``write``); ``finish()`` seals the end.
 
     Plaintext is cut into chunks; a chunk is sealed only once a later byte proves it is not the
@@ -219,12 +218,6 @@ class Encryptor:
             view.release()
             del self._buf[:start]
         return n
-
-    def write_zeros(self, length: int) -> None:
-        while length > 0:
-            n = min(length, IO_CHUNK)
-            self.write(memoryview(_ZEROS)[:n])
-            length -= n
 
     def tell(self) -> int:
         return self._pos

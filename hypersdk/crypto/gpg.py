@@ -14,9 +14,8 @@ import subprocess
 import threading
 
 from hypersdk.errors import CryptoError, DecryptionError
-from hypersdk.io import IO_CHUNK
+from hypersdk.io import IO_CHUNK, ZeroBytesSink
 
-_ZEROS = bytes(IO_CHUNK)
 GPG_MAGIC_HINT = "OpenPGP"
 
 
@@ -34,7 +33,7 @@ def _drain(stream, out: list) -> None:
     out.append(stream.read())
 
 
-class GpgEncryptor:
+class GpgEncryptor(ZeroBytesSink):
     """A Sink that pipes plaintext through ``gpg --encrypt`` into ``inner``; ``finish()`` ends it."""
 
     def __init__(self, recipient: str, inner, gnupghome: str | None = None):
@@ -91,12 +90,6 @@ class GpgEncryptor:
             self._fail()
         self._pos += len(data)
         return len(data)
-
-    def write_zeros(self, length: int) -> None:
-        while length > 0:
-            n = min(length, IO_CHUNK)
-            self.write(memoryview(_ZEROS)[:n])
-            length -= n
 
     def tell(self) -> int:
         return self._pos

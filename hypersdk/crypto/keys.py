@@ -243,12 +243,9 @@ class KeySpec(BaseModel):
             if not value:
                 raise CredentialsError(f"environment variable {self.ref} is not set or empty")
             return self._from_value(value, f"environment variable {self.ref}")
-        from prefect.blocks.system import Secret  # lazy: the engine imports without Prefect
+        from hypersdk.secrets import load_secret_block
 
-        try:
-            value = Secret.load(self.ref).get()
-        except ValueError as exc:
-            raise CredentialsError(f"Prefect Secret block {self.ref!r}: {exc}") from None
+        value = load_secret_block(self.ref, "encryption key")
         return self._from_value(str(value), f"Prefect Secret block {self.ref!r}")
 
     def _from_value(self, value: str, where: str) -> KeyMaterial:

@@ -14,11 +14,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from urllib.parse import unquote, urlsplit
 
 from hypersdk.errors import InvalidParameterError, TargetError
-from hypersdk.io import IO_CHUNK
+from hypersdk.io import ZeroBytesSink
 from providers.base import ObjectWriter
 
 MiB = 1024 * 1024
-_ZEROS = bytes(IO_CHUNK)
 
 
 def split_url(url: str, schemes: tuple[str, ...]) -> tuple[str, str]:
@@ -78,7 +77,7 @@ class RangedObjectReader:
         """Nothing to release: each read is its own request on the target's pooled client."""
 
 
-class PartUploadWriter(ObjectWriter):
+class PartUploadWriter(ZeroBytesSink, ObjectWriter):
     """ObjectWriter streaming parts to a pool. Subclasses say how to upload and publish.
 
     Objects smaller than one part go through ``_put_single`` (one request, nothing to clean up).
@@ -138,12 +137,6 @@ class PartUploadWriter(ObjectWriter):
                 self._flush_part()
         self._pos += total
         return total
-
-    def write_zeros(self, length: int) -> None:
-        while length > 0:
-            n = min(length, IO_CHUNK)
-            self.write(memoryview(_ZEROS)[:n])
-            length -= n
 
     def tell(self) -> int:
         return self._pos

@@ -205,18 +205,9 @@ class AzureBlobTarget(Target):
 
     @staticmethod
     def _load_secret_block(name: str) -> str:
-        try:
-            from prefect.blocks.system import Secret
-        except ImportError:
-            raise CredentialsError(
-                f"Azure: secret_block={name!r} needs prefect installed"
-            ) from None
-        try:
-            value = Secret.load(name).get()
-        except Exception as exc:
-            raise CredentialsError(
-                f"Azure: cannot load Prefect Secret block {name!r}: {type(exc).__name__}"
-            ) from None
+        from hypersdk.secrets import load_secret_block
+
+        value = load_secret_block(name, "Azure")
         return value if isinstance(value, str) else str(value)
 
     @classmethod

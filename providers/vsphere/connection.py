@@ -87,16 +87,9 @@ def _govc_url(env) -> tuple[str, int | None, str | None, str | None]:
 
 def _secret_block(name: str) -> tuple[str | None, str | None]:
     """(user, password) from a Prefect Secret block holding a dict/JSON or a bare password."""
-    try:
-        from prefect.blocks.system import Secret  # lazy: the engine works without Prefect
-    except ImportError:
-        raise CredentialsError(
-            f"Secret block {name!r} asked for but Prefect is not installed"
-        ) from None
-    try:
-        value = Secret.load(name).get()
-    except Exception as exc:  # noqa: BLE001 - any lookup failure means the same thing here
-        raise CredentialsError(f"cannot load Prefect Secret block {name!r}: {exc}") from None
+    from hypersdk.secrets import load_secret_block
+
+    value = load_secret_block(name, "vSphere")
     if isinstance(value, str):
         try:
             value = json.loads(value)
