@@ -7,10 +7,11 @@ their parameter docs there, next to the types below.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
+from hypersdk.crypto.keys import KeySpec
 from hypersdk.formats import drivers
 
 # Every format a driver can write, as the run form's drop-down (and the API's enum).
@@ -22,8 +23,8 @@ SourceUrl = Annotated[str | None, Field(min_length=1, max_length=4096)]
 TargetUrl = Annotated[str | None, Field(min_length=1, max_length=4096)]
 FormatOptions = dict[str, str]
 FullEvery = Annotated[int, Field(ge=1, le=1000)]
-# A key *reference* (hypersdk.crypto.KeySpec fields): where the key is, never the key.
-EncryptionRef = dict[str, Any] | None
+# A key *reference*: where the key is, never the key.
+EncryptionRef = KeySpec | None
 
 PARAMETER_DOCS = """
         vm: The VM to export: its name or id on the source.

@@ -88,6 +88,10 @@ def test_convert_bad_input(image, tmp_path):
     bad = tmp_path / "bad.qcow2"
     bad.write_bytes(b"QFI\xfb" + b"\xff" * 200)
     one_line_error(hyperctl("info", bad), str(bad))
+    # a value past a model's bounds is a usage error, not a pydantic traceback
+    res = hyperctl("decrypt", image, tmp_path / "x", "--key-file", "k" * 5000)
+    one_line_error(res, "invalid ref", "4096")
+    assert res.returncode == 2
     assert not (tmp_path / "x").exists()
 
 

@@ -81,8 +81,10 @@ def screenshots(chromium: str, ui: str, run_id: str, out: Path) -> list[Path]:
             page.screenshot(path=str(out / name))
             taken.append(out / name)
         page.get_by_text("Logs", exact=True).first.click()
+        page.set_viewport_size({"width": 1440, "height": 3000})  # the logs list, whole
         page.wait_for_timeout(2000)
-        page.screenshot(path=str(out / "ui-run-logs.png"), full_page=True)
+        page.screenshot(path=str(out / "ui-run-logs.png"))
+        page.set_viewport_size({"width": 1440, "height": 1300})
         taken.append(out / "ui-run-logs.png")
         # a stage task's own page: its log line with bytes and throughput
         page.get_by_text("Task Runs", exact=True).first.click()

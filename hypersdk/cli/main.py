@@ -83,6 +83,16 @@ def main(argv: list[str] | None = None) -> int:
             return exc.code or 0
         click.echo(exc.code, err=True)
         return 1
+    except Exception as exc:  # a bug of ours: still one line, the traceback only when asked
+        if os.environ.get("HYPERSDK_VERBOSE") == "1":
+            raise
+        if type(exc).__module__.startswith("pydantic"):  # a value out of its bounds
+            first = exc.errors()[0]  # type: ignore[attr-defined]
+            where = ".".join(str(p) for p in first["loc"]) or "value"
+            _fail("error:", f"invalid {where}: {first['msg']}")
+            return 2
+        _fail("internal error:", f"{type(exc).__name__}: {exc} (HYPERSDK_VERBOSE=1 shows where)")
+        return 70
     return 0
 
 

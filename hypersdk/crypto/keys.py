@@ -10,7 +10,7 @@ import binascii
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, SecretBytes, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretBytes, SecretStr
 
 from hypersdk.errors import CredentialsError, DecryptionError, InvalidParameterError
 
@@ -223,12 +223,25 @@ class KeySpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    method: Literal["passphrase", "keyfile", "env", "secret-block", "gpg"]
-    ref: str
-    raw_key: bool = False
-    kdf: Literal["scrypt", "argon2id"] = "scrypt"
-    gnupghome: str | None = None
-    chunk_size: int = 1024 * 1024
+    method: Literal["passphrase", "keyfile", "env", "secret-block", "gpg"] = Field(
+        description="Where the key comes from: a passphrase file, a 32-byte key file, an "
+        "environment variable, a Prefect Secret block, or GPG"
+    )
+    ref: str = Field(
+        max_length=4096,
+        description="The file path, variable name, block name or GPG recipient (never the key; "
+        "empty for gpg: the default key)",
+    )
+    raw_key: bool = Field(
+        default=False, description="env / secret-block: the value is a key (hex), not a passphrase"
+    )
+    kdf: Literal["scrypt", "argon2id"] = Field(
+        default="scrypt", description="How a passphrase becomes a key"
+    )
+    gnupghome: str | None = Field(default=None, description="GPG home directory (gpg only)")
+    chunk_size: int = Field(
+        default=1024 * 1024, description="Plaintext bytes per authenticated chunk"
+    )
 
     def resolve(self) -> KeyMaterial:
         """Fetch the secret now (never stored in this model)."""
