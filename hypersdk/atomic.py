@@ -24,12 +24,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import secrets
 from collections.abc import Iterator
 
 from hypersdk.errors import InvalidParameterError
 from hypersdk.io import DirectFileSink, FileSink, target_error
+
+log = logging.getLogger(__name__)
 
 CACHE_MODES = ("writeback", "none", "unsafe")
 PUBLISHED_MODE = 0o644  # less the umask
@@ -81,6 +84,11 @@ def _create(tmp: str, direct: bool) -> tuple[int, bool]:
                     os.unlink(tmp)
                 raise
             direct = False  # tmpfs and friends: no O_DIRECT, the page cache it is
+            log.warning(
+                "%s: the filesystem refuses direct I/O (cache=none): writing through the page "
+                "cache, then fsync",
+                os.path.dirname(tmp) or ".",
+            )
     return fd, direct
 
 

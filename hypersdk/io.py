@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 import mmap
 import os
 import stat
@@ -18,6 +19,8 @@ from typing import Protocol, runtime_checkable
 
 from hypersdk.errors import DiskReadError, TargetError, TargetFullError
 from hypersdk.extents import Extent, ExtentCollector, ExtentMap
+
+log = logging.getLogger(__name__)
 
 IO_CHUNK = 4 * 1024 * 1024  # large aligned I/O everywhere
 _ZEROS = bytes(IO_CHUNK)
@@ -306,6 +309,10 @@ class DirectFileSink(FileSink):
                 raise self._failed(exc, "write") from None
             # the filesystem refuses direct I/O after all: drop it and go through the page cache
             fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+            log.warning(
+                "%s: the filesystem refuses direct writes: going on through the page cache",
+                self._name,
+            )
         super()._pwrite(view, at)
 
     def _reap(self, block: bool) -> None:

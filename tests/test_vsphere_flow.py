@@ -3,6 +3,8 @@ against vcsim; credentials from the environment as govc documents them."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from hypersdk.errors import HyperSDKError
@@ -59,6 +61,52 @@ def test_migrate_vm_full_incremental_and_failure(prefect_api, vcsim, govc_env, t
             source=source, target=f"file://{blocked}", vm=vm, format="qcow2", incremental=False
         )
     assert snapshot_names(vcsim, vm) == []  # removed after the failure too
+
+
+def test_provider_warning_reaches_the_run_logs(prefect_api, vcsim, govc_env, tmp_path):
+    """A change id vSphere rejects (CBT reset) gives a full export, and the provider's warning
+    about it is in the run's logs in Prefect, not only on some terminal."""
+    import asyncio
+    import json
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from flows.migrate import migrate_vm
+    from providers import open_source
+
+    vm = "DC0_H0_VM1"
+    reconfigure(vcsim, vm, disk_size=4 * MiB)
+    write_realistic_disk(vcsim.flat_file(vm), 4 * MiB, seed=9)
+    source = vcsim.source_url(f"DC0/vm/{vm}")
+    with open_source(source) as src:
+        src.enable_cbt(vm)
+    target = tmp_path / "exports"
+    r1 = migrate_vm(source=source, target=f"file://{target}", vm=vm)
+    manifest = target / vm / r1.export_id / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    doc["disks"][0]["change_id"] = "52 00 00 00 00 00 00 00-00 00 00 00 00 00 00 00/9"
+    manifest.write_text(json.dumps(doc))  # as if CBT had been reset since
+
+    r2 = migrate_vm(source=source, target=f"file://{target}", vm=vm)
+    assert r2.kind == "full" and "rejected by vSphere" in r2.disks[0].note
+
+    async def logs():
+        async with get_client() as client:
+            run_filter = LogFilterFlowRunId(any_=[r2.flow_run_id])
+            return await client.read_logs(LogFilter(flow_run_id=run_filter))
+
+    def provider_warnings() -> list:
+        return [
+            e
+            for e in asyncio.run(logs())
+            if e.level >= 30 and e.name.startswith("providers") and "rejected by" in e.message
+        ]
+
+    deadline = time.monotonic() + 30  # logs travel in batches
+    while not provider_warnings() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert provider_warnings()
 
 
 def test_credentials_from_prefect_secret_block(prefect_api, vcsim, monkeypatch):
