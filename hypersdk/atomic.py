@@ -98,6 +98,41 @@ def check_cache_mode(cache: str) -> str:
     return cache
 
 
+_RENAME_EXCHANGE = 2  # renameat2(2) flag: swap two names atomically
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap the files at ``a`` and ``b`` atomically (Linux renameat2); False where the system or
+    the filesystem cannot."""
+    import ctypes
+
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_cwd = -100
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.ENOENT):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def _publish_unflushed(tmp: str, path: str) -> None:
+    """Put ``tmp`` (written without fsync) under ``path``.
+
+    A plain rename over an existing file is what ext4 calls replace-via-rename: its
+    auto_da_alloc then writes the whole new file out before the rename returns (2-3 s per GiB
+    here), the very flush ``unsafe`` promises to skip, and a back-to-back convert was 3.5x
+    slower than qemu-img's (which truncates its output in place). Exchanging the two names
+    keeps the replacement atomic (the name always holds a whole file, old or new) without that
+    flush; the old file, now under the temporary name, is then removed."""
+    if os.path.lexists(path) and not os.path.isdir(path) and _exchange(tmp, path):
+        os.unlink(tmp)
+        return
+    os.replace(tmp, path)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, cache: str = "writeback") -> Iterator[FileSink]:
     """Yield a FileSink on a temp file next to ``path``; publish it on clean exit only."""
@@ -126,7 +161,10 @@ def atomic_file(path: str | os.PathLike, cache: str = "writeback") -> Iterator[F
             raise target_error(path, exc) from None
         os.close(fd)
         fd = -1
-        os.replace(tmp, path)
+        if cache == "unsafe":
+            _publish_unflushed(tmp, path)
+        else:
+            os.replace(tmp, path)
         published = True
         if cache != "unsafe":
             _fsync_dir(directory)

@@ -391,3 +391,39 @@ def test_manifest_chunks_merge_zero_runs_and_catch_changes(tmp_path):
         f.write(b"?")
     with FileRangeReader(path) as reader:
         assert check_chunks(reader, chunks, reader.allocated()) == [4 * MiB, 44 * MiB]
+
+
+@pytest.mark.parametrize("cache", CACHE_MODES)
+def test_publishing_over_an_existing_output(tmp_path, cache):
+    """Every cache mode replaces an existing output whole (unsafe swaps the names instead of
+    renaming over it: ext4 would flush the whole new file inside a replacing rename), and a
+    symlink at the final name is replaced, never written through."""
+    out = tmp_path / "out.img"
+    out.write_bytes(b"old" * 1000)
+    with atomic_file(out, cache) as sink:
+        sink.write(b"new" * 2000)
+    assert out.read_bytes() == b"new" * 2000
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    out.unlink()
+    out.symlink_to(victim)
+    with atomic_file(out, cache) as sink:
+        sink.write(b"fresh")
+    assert not out.is_symlink() and out.read_bytes() == b"fresh"
+    assert victim.read_bytes() == b"keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.img", "victim"]
+
+
+def test_unsafe_publish_swaps_names_without_a_replacing_rename(tmp_path, monkeypatch):
+    """The unsafe path never calls os.replace over an existing file where renameat2 works."""
+    import hypersdk.atomic as atomic
+
+    out = tmp_path / "out.img"
+    out.write_bytes(b"x" * 4096)
+    replaced = []
+    real_replace = os.replace
+    monkeypatch.setattr(atomic.os, "replace", lambda a, b: replaced.append(b) or real_replace(a, b))
+    with atomic_file(out, "unsafe") as sink:
+        sink.write(b"y" * 4096)
+    assert out.read_bytes() == b"y" * 4096
+    assert replaced == []
