@@ -7,15 +7,19 @@ needs. xxh3 runs at ~10 GB/s here, so building a map costs little more than read
 
 from __future__ import annotations
 
+import errno
 import heapq
 import json
 import os
+import stat
 import struct
 from collections.abc import Callable, Iterator
+from typing import BinaryIO
 
 import numpy as np
 import xxhash
 
+from hypersdk.atomic import atomic_file
 from hypersdk.errors import FormatError
 from hypersdk.extents import Extent, ExtentCollector, ExtentMap
 from hypersdk.io import IO_CHUNK, RangeReader, read_pieces
@@ -35,6 +39,8 @@ def block_size_for(size: int) -> int:
 
 
 _MAGIC = b"HSDKBMAP"
+_HEAD = struct.Struct("<8sI")  # magic, length of the JSON header that follows
+_MAX_META = 4096
 
 
 def is_zero(data: bytes | memoryview) -> bool:
@@ -172,40 +178,86 @@ class BlockMap:
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write atomically: a temp file, fsync, rename."""
-        path = os.fspath(path)
-        meta = json.dumps({"size": self.size, "block_size": self.block_size, "hash": "xxh3_64"})
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(_MAGIC + struct.pack("<I", len(meta)) + meta.encode())
-            little = (
-                self.hashes if self.hashes.dtype == np.dtype("<u8") else self.hashes.astype("<u8")
+        """Publish atomically through :func:`hypersdk.atomic.atomic_file`: a random temporary
+        name created O_EXCL|O_NOFOLLOW (a planted file or symlink is never written through),
+        fsync, rename over ``path`` (a symlink there is replaced, not followed). TargetError if
+        it cannot be written."""
+        if len(self.hashes) > MAX_BLOCKS:
+            raise ValueError(
+                f"block map of {len(self.hashes)} blocks: load() refuses over {MAX_BLOCKS}"
             )
-            f.write(memoryview(np.ascontiguousarray(little)))  # no copies of a large map
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        meta = json.dumps({"size": self.size, "block_size": self.block_size, "hash": "xxh3_64"})
+        little = self.hashes if self.hashes.dtype == np.dtype("<u8") else self.hashes.astype("<u8")
+        with atomic_file(path) as sink:
+            sink.write(_HEAD.pack(_MAGIC, len(meta)) + meta.encode())
+            sink.write(memoryview(np.ascontiguousarray(little)).cast("B"))  # no copy of a map
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> BlockMap:
+        """A saved map. FileNotFoundError if there is none; FormatError for anything else that is
+        not a readable map: a symlink, a FIFO or device (opened non-blocking, so never a hang),
+        a bad header, a length that does not match the header, more than MAX_BLOCKS blocks.
+        Memory is bounded by the file's real size and MAX_BLOCKS, whatever the header says."""
         path = os.fspath(path)
-        with open(path, "rb") as f:
-            head = f.read(12)
-            if len(head) < 12 or head[:8] != _MAGIC:
-                raise FormatError(path, "not a hypersdk block map")
-            (meta_len,) = struct.unpack("<I", head[8:])
-            if meta_len > 4096:
-                raise FormatError(path, "block map header too large")
-            try:
-                meta = json.loads(f.read(meta_len))
-                size, bs = int(meta["size"]), int(meta["block_size"])
-            except (ValueError, KeyError, TypeError):
-                raise FormatError(path, "block map header is corrupt") from None
-            count = -(-size // bs) if bs > 0 else -1
-            if count < 0 or os.fstat(f.fileno()).st_size - f.tell() != count * 8:
-                raise FormatError(path, "block map is truncated or has the wrong length")
-            hashes = np.fromfile(f, dtype="<u8", count=count)
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise FormatError(path, "block map is a symlink: refused") from None
+            raise FormatError(path, f"cannot read block map: {exc.strerror}") from None
+        try:
+            with os.fdopen(fd, "rb", buffering=0) as f:
+                return cls._read(path, f)
+        except OSError as exc:
+            raise FormatError(path, f"cannot read block map: {exc.strerror}") from None
+
+    @classmethod
+    def _read(cls, path: str, f: BinaryIO) -> BlockMap:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError(path, "block map is not a regular file: refused")
+        head = _read_exact(f, _HEAD.size)
+        if len(head) < _HEAD.size or head[:8] != _MAGIC:
+            raise FormatError(path, "not a hypersdk block map")
+        (meta_len,) = _HEAD.unpack(head)[1:]
+        if meta_len > _MAX_META or _HEAD.size + meta_len > st.st_size:
+            raise FormatError(path, "block map header is too large or truncated")
+        try:
+            meta = json.loads(_read_exact(f, meta_len))
+            size, bs = meta["size"], meta["block_size"]
+        except (ValueError, KeyError, TypeError, IndexError, RecursionError):
+            raise FormatError(path, "block map header is corrupt") from None
+        if not all(type(v) is int for v in (size, bs)) or size < 0 or bs <= 0:
+            raise FormatError(path, "block map header is corrupt")
+        count = -(-size // bs)
+        if count > MAX_BLOCKS:
+            raise FormatError(path, f"block map of {count} blocks: more than {MAX_BLOCKS}")
+        if st.st_size - _HEAD.size - meta_len != count * 8:
+            raise FormatError(path, "block map is truncated or has the wrong length")
+        hashes = np.empty(count, dtype="<u8")  # bounded: the size was checked against the file
+        if _read_into(f, memoryview(hashes).cast("B")) != count * 8:  # shrunk since the fstat
+            raise FormatError(path, "block map is truncated or has the wrong length")
         return cls(size, bs, hashes.astype(np.uint64, copy=False))
+
+
+def _read_into(f: BinaryIO, buf: memoryview) -> int:
+    """Fill ``buf`` from an unbuffered file; how many bytes that was (fewer only at its end)."""
+    got = 0
+    while got < len(buf):
+        k = f.readinto(buf[got:])
+        if not k:
+            break
+        got += k
+    return got
+
+
+def _read_exact(f: BinaryIO, n: int) -> bytes:
+    """Up to ``n`` bytes (fewer only at the end of the file)."""
+    buf = bytearray(n)
+    return bytes(buf[: _read_into(f, memoryview(buf))])
 
 
 class BlockMapBuilder:

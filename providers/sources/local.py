@@ -33,7 +33,6 @@ import fcntl
 import os
 import shutil
 import stat
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -371,22 +370,8 @@ class LocalSource(Source):
 
     def _save_map(self, snap: Snapshot, disk: DiskInfo, bmap: BlockMap, keep: set) -> None:
         path = self._map_path(snap, disk, snap.id)
-        # BlockMap.save's temporary name is predictable: give it a fresh private directory
-        private = tempfile.mkdtemp(prefix=".save-", dir=path.parent)
-        try:
-            bmap.save(os.path.join(private, path.name))
-            os.replace(os.path.join(private, path.name), path)
-        finally:
-            shutil.rmtree(private, ignore_errors=True)
+        bmap.save(path)  # random O_EXCL temporary name, then a rename: nothing planted is followed
         self._prune(path.parent, keep=keep | {snap.id})
-
-    def _load_map(self, path: Path) -> BlockMap:
-        """A saved map; FileNotFoundError if absent, FormatError if it is not a regular file (a
-        planted FIFO would hang the read) or not a map."""
-        st = os.lstat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise FormatError(str(path), "block map is not a regular file")
-        return BlockMap.load(path)
 
     def _scan_map(
         self, snap: Snapshot, disk: DiskInfo, progress: Progress | None = None
@@ -420,7 +405,7 @@ class LocalSource(Source):
             return self._full(snap, disk, note)
         old_path = self._map_path(snap, disk, since)
         try:
-            old_map = self._load_map(old_path)
+            old_map = BlockMap.load(old_path)  # never follows a link, never waits on a FIFO
         except (FileNotFoundError, FormatError) as exc:
             reason = "no longer kept" if isinstance(exc, FileNotFoundError) else "unreadable"
             return self._full(snap, disk, f"change id {since} is {reason}: full export instead")
