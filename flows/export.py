@@ -52,9 +52,9 @@ class ExportFlow(Flow):
     parameters in the API and check the rest in the ``preflight`` task.)"""
 
     def __call__(self, *args: Any, **kwargs: Any):
-        params = get_call_parameters(self.fn, args, kwargs)
-        params.pop("return_state", None)
-        preflight(request_from(self.name, params))
+        engine_options = {"return_state", "wait_for"}  # Flow.__call__'s own, not parameters
+        call = {k: v for k, v in kwargs.items() if k not in engine_options}
+        preflight(request_from(self.name, get_call_parameters(self.fn, args, call)))
         return super().__call__(*args, **kwargs)
 
 

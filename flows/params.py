@@ -12,10 +12,10 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from hypersdk.crypto.keys import KeySpec
-from hypersdk.formats import drivers
+from hypersdk.formats import output_formats
 
 # Every format a driver can write, as the run form's drop-down (and the API's enum).
-WRITABLE_FORMATS = tuple(sorted(name for name, d in drivers().items() if d.can_write))
+WRITABLE_FORMATS = tuple(output_formats())
 FormatName = Literal[WRITABLE_FORMATS]  # type: ignore[valid-type]
 
 VmName = Annotated[str, Field(min_length=1, max_length=255)]

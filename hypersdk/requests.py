@@ -7,9 +7,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from hypersdk import config
-from hypersdk.errors import InvalidParameterError
+from hypersdk.errors import InvalidParameterError, UnsupportedFormatError
 from hypersdk.extents import ExtentMap
-from hypersdk.formats import get_driver
+from hypersdk.formats import get_driver, output_driver
 from hypersdk.urls import check_url
 
 
@@ -31,10 +31,10 @@ class ExportRequest(BaseModel):
     @field_validator("format")
     @classmethod
     def _known_writable_format(cls, value: str) -> str:
-        driver = get_driver(value)  # raises with the list of known formats
-        if not driver.can_write:
-            raise ValueError(f"format {value!r} can be read but not written")
-        return driver.name
+        try:
+            return output_driver(value).name
+        except UnsupportedFormatError as exc:  # unknown, read-only, or not an output
+            raise ValueError(exc.problem) from None
 
     @field_validator("source", "target")
     @classmethod

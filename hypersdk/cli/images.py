@@ -81,10 +81,10 @@ def convert(
     allow_backing_outside: bool,
 ) -> None:
     from hypersdk.convert import convert_image
-    from hypersdk.formats import get_driver, open_image
+    from hypersdk.formats import open_image, output_driver
 
     options = parse_options(option)
-    get_driver(output_format).check_options(options)
+    output_driver(output_format).check_options(options)
     with (
         open_image(src, input_format, _policy(allow_backing_outside)) as image,
         progress_bar(not quiet and sys.stderr.isatty()) as bar,

@@ -19,7 +19,17 @@ from hypersdk.formats.base import DiskImage, FormatDriver, Layout
 from hypersdk.io import FileRangeReader, RangeReader
 from hypersdk.references import ReferencePolicy, reference_policy
 
-__all__ = ["DiskImage", "FormatDriver", "Layout", "drivers", "get_driver", "open_image", "probe"]
+__all__ = [
+    "DiskImage",
+    "FormatDriver",
+    "Layout",
+    "drivers",
+    "get_driver",
+    "open_image",
+    "output_driver",
+    "output_formats",
+    "probe",
+]
 
 PROBE_BYTES = 64 * 1024
 REFUSED = "refused"  # the kind of a recognised-but-unread format (hypersdk.formats.refused)
@@ -60,6 +70,29 @@ def get_driver(name: str) -> FormatDriver:
     if driver.kind == REFUSED:
         refusal = driver.refusal()  # type: ignore[attr-defined]
         raise UnsupportedFormatError(None, f"format {name!r} is {refusal}")
+    return driver
+
+
+OUTPUT_KINDS = ("disk", "package")
+
+
+def output_formats() -> list[str]:
+    """The formats a user can ask for as an output (``-O``, a flow's ``format``)."""
+    return sorted(n for n, d in drivers().items() if d.can_write and d.kind in OUTPUT_KINDS)
+
+
+def output_driver(name: str) -> FormatDriver:
+    """The driver of an output format the user asked for, or UnsupportedFormatError saying why
+    it is not one (read-only, or the repository's own delta format)."""
+    driver = get_driver(name)
+    if driver.kind == "delta":
+        raise UnsupportedFormatError(
+            None,
+            f"format {name!r} is the backup repository's delta format, not an output format "
+            "(incrementals are written in it automatically)",
+        )
+    if not driver.can_write or driver.kind not in OUTPUT_KINDS:
+        raise UnsupportedFormatError(None, f"format {name!r} can be read but not written")
     return driver
 
 

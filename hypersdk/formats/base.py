@@ -134,6 +134,7 @@ class FormatDriver(ABC):
     probe_priority: ClassVar[int] = 0
     can_write: ClassVar[bool] = True
     # "disk": one disk image; "package": a whole VM (OVA), written from all disks at once;
+    # "delta": the backup repository's delta (hsdelta), written by backups, never an output;
     # "refused": a format recognised by its magic and refused by name (formats/refused.py)
     kind: ClassVar[str] = "disk"
     supports_backing: ClassVar[bool] = False  # can a written image defer to a base (deltas)?
