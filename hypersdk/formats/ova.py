@@ -48,7 +48,7 @@ from hypersdk.extents import ExtentMap
 from hypersdk.formats.base import DiskImage, FormatDriver, Layout, Progress, Readable
 from hypersdk.formats.vmdk import DRIVER as VMDK
 from hypersdk.formats.vmdk import VmdkLayout
-from hypersdk.io import FileRangeReader, RangeReader, Sink
+from hypersdk.io import FileRangeReader, RangeReader, Sink, write_zero_bytes
 from hypersdk.references import printable, require_regular, resolve_reference
 
 if TYPE_CHECKING:
@@ -382,11 +382,7 @@ class _Measure:
         return len(data)
 
     def write_zeros(self, length: int) -> None:
-        z = bytes(min(length, 1 << 20))
-        while length > 0:
-            k = min(length, len(z))
-            self.write(memoryview(z)[:k])
-            length -= k
+        write_zero_bytes(self.write, length)
 
     def tell(self) -> int:
         return self.n
@@ -405,11 +401,7 @@ class _Forward(_Measure):
 
     def write_zeros(self, length: int) -> None:
         self.inner.write_zeros(length)
-        z = bytes(min(length, 1 << 20))
-        while length > 0:
-            k = min(length, len(z))
-            super().write(memoryview(z)[:k])
-            length -= k
+        write_zero_bytes(super().write, length)
 
 
 def _file_stem(name: str) -> str:

@@ -147,7 +147,9 @@ class VhdxImage(DiskImage):
         return found
 
     def _metadata(self, offset: int, length: int) -> None:
-        table = self.reader.read(offset, min(length, L.METADATA_TABLE_SIZE))
+        if length < L.METADATA_TABLE_SIZE:  # region lengths are MiB multiples: this is 0
+            raise self._bad(f"VHDX metadata region of {length} bytes cannot hold its table")
+        table = self.reader.read(offset, L.METADATA_TABLE_SIZE)
         sig, _, count = L.META_HDR.unpack_from(table)
         if sig != L.METADATA_SIG:
             raise self._bad("VHDX metadata table signature missing")
