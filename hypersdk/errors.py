@@ -78,6 +78,13 @@ class ObjectNotFoundError(TargetError):
     retryable = False
 
 
+class RepositoryLockedError(TargetError):
+    """Another run holds the repository lock of a VM (or took it from us): waiting longer, or
+    after that run, helps; retrying at once does not."""
+
+    retryable = False
+
+
 class CredentialsError(HyperSDKError):
     """Credentials are missing or were rejected."""
 

@@ -172,6 +172,20 @@ class Target(ABC):
     @abstractmethod
     def open_reader(self, key: str) -> RangeReader: ...
 
+    def open_coalesced(self, key: str, **options) -> RangeReader:
+        """A reader for passes over a whole object (verify, restore): reads are served from
+        large aligned blocks fetched ahead (hypersdk.coalesce; ``options`` go to
+        CoalescingReader), so a pass costs about size / 8 MiB requests, not one per small
+        read. Targets whose reads are already cheap return ``open_reader``'s reader."""
+        from hypersdk.coalesce import CoalescingReader
+
+        reader = self.open_reader(key)
+        try:
+            return CoalescingReader(reader, **options)
+        except BaseException:
+            reader.close()
+            raise
+
     @abstractmethod
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]: ...
 
@@ -180,6 +194,14 @@ class Target(ABC):
 
     def exists(self, key: str) -> bool:
         return any(o.key == key for o in self.list(key))
+
+    @abstractmethod
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Store ``data`` under ``key`` only if no object is there: True if this call created
+        it, False if one already existed (left as it was). Atomic against concurrent callers,
+        on this host or any other: exactly one of them gets True (repository locks rely on it).
+        A retried request whose first attempt did create the object may answer False: callers
+        that must know tell their own object by its content."""
 
     def put_bytes(self, key: str, data: bytes) -> None:
         with self.open_writer(key, len(data)) as w:

@@ -280,6 +280,21 @@ class AzureBlobTarget(Target):
                 raise
         return AzureRangeReader(self, name, props.size)
 
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Put Blob with ``If-None-Match: *`` (``overwrite=False``): Azure answers 409
+        BlobAlreadyExists (or 412 when another write of the blob races), both
+        ResourceExistsError here."""
+        from azure.core.exceptions import ResourceExistsError
+
+        name = join_key(self.prefix, key)
+        blob = self.container.get_blob_client(name)
+        with self.errors(name):
+            try:
+                blob.upload_blob(data, overwrite=False, standard_blob_tier=self.tier)
+            except ResourceExistsError:
+                return False
+        return True
+
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         base = f"{self.prefix}/" if self.prefix else ""
         with self.errors():

@@ -327,6 +327,28 @@ class GCSTarget(Target):
         blob = self.blob_info(key)
         return GCSRangeReader(self, blob.name, blob.size)
 
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Upload with ``ifGenerationMatch=0`` (only if no live object has the name): GCS
+        answers 412 Precondition Failed when one exists."""
+        from google.api_core.exceptions import PreconditionFailed
+
+        name = join_key(self.prefix, key)
+        blob = self.bucket_obj.blob(name)
+        if self.storage_class:
+            blob.storage_class = self.storage_class
+        with self.errors(name, upload=True):
+            try:
+                blob.upload_from_string(
+                    data,
+                    content_type="application/octet-stream",
+                    if_generation_match=0,
+                    timeout=self.timeout,
+                    retry=self.retry,
+                )
+            except PreconditionFailed:
+                return False
+        return True
+
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         base = f"{self.prefix}/" if self.prefix else ""
         with self.errors():

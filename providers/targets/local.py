@@ -9,14 +9,15 @@ the page cache (then fsync) for filesystems where direct I/O is slow.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from urllib.parse import unquote, urlsplit
 
-from hypersdk.atomic import atomic_file, check_cache_mode
+from hypersdk.atomic import atomic_file, check_cache_mode, temp_name, write_bytes_atomic
 from hypersdk.errors import InvalidParameterError, ObjectNotFoundError, TargetError
-from hypersdk.io import FileRangeReader
+from hypersdk.io import FileRangeReader, RangeReader, target_error
 from hypersdk.models import ObjectInfo
 from providers.base import ObjectWriter, Target
 
@@ -103,6 +104,33 @@ class LocalTarget(Target):
             raise ObjectNotFoundError(f"{path}: no such export object")
         return FileRangeReader(path)
 
+    def open_coalesced(self, key: str, **options) -> RangeReader:
+        """The file itself: pread of a local file is cheap and the kernel reads ahead."""
+        return self.open_reader(key)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Write a whole temporary file, then hard-link it to the final name: link(2) fails
+        with EEXIST if anything is there (a symlink included, never followed), so exactly one
+        concurrent caller wins and nobody ever sees a partial object. Filesystems without hard
+        links fall back to O_CREAT|O_EXCL on the final name (still exclusive, but a crash
+        mid-write can leave a short object)."""
+        path = self.path(key)
+        tmp = temp_name(path)
+        write_bytes_atomic(tmp, data)  # makes the directory; fsync; the published mode
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise target_error(path, exc, "conditional write") from None
+            return _create_exclusive(path, data)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        _fsync_dir(os.path.dirname(path))
+        return True
+
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         base = self.path(os.path.dirname(prefix)) if prefix else self.root
         if not os.path.isdir(base):
@@ -123,6 +151,36 @@ class LocalTarget(Target):
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path(key))
+
+
+def _create_exclusive(path: str, data: bytes) -> bool:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise target_error(path, exc, "conditional write") from None
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except OSError as exc:
+        raise target_error(path, exc, "conditional write") from None
+    finally:
+        os.close(fd)
+    return True
+
+
+def _fsync_dir(path: str) -> None:
+    """Make the new name durable (best effort: some filesystems refuse fsync on directories)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 TARGET = LocalTarget

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -44,6 +45,7 @@ MIN_PART = 5 * MiB
 DEFAULT_PART = 8 * MiB
 MAX_PART = 5 * 1024 * MiB
 MAX_PARTS = 10_000
+CONFLICT_RETRY_SECONDS = 30  # a concurrent conditional write of the same key settles in that
 
 _CRED_CODES = {
     "InvalidAccessKeyId",
@@ -352,6 +354,32 @@ class S3Target(Target):
                     self.check()  # a missing bucket says so, not "no such object"
                 raise
         return S3RangeReader(self, full, head["ContentLength"])
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """PutObject with ``If-None-Match: *``: S3 answers 412 PreconditionFailed when the key
+        exists, and 409 ConditionalRequestConflict while another conditional write of the same
+        key is under way (retried here, as S3 asks, until that one has settled). Needs a store
+        that honours conditional writes (AWS S3 since 2024, MinIO): one that ignores the
+        header would overwrite."""
+        from botocore.exceptions import ClientError
+
+        full = join_key(self.prefix, key)
+        args = self.put_args(full)
+        args.update(Body=data, IfNoneMatch="*")
+        deadline, delay = time.monotonic() + CONFLICT_RETRY_SECONDS, 0.05
+        while True:
+            with self.errors(full):
+                try:
+                    self.client.put_object(**args)
+                    return True
+                except ClientError as exc:
+                    code = str(exc.response.get("Error", {}).get("Code", ""))
+                    if code in ("PreconditionFailed", "412"):
+                        return False
+                    if code != "ConditionalRequestConflict" or time.monotonic() > deadline:
+                        raise
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         base = f"{self.prefix}/" if self.prefix else ""
