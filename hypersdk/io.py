@@ -8,13 +8,15 @@ stream simply receives zero bytes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
 import mmap
 import os
 import stat
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol, runtime_checkable
 
 from hypersdk.errors import DiskReadError, TargetError, TargetFullError
@@ -450,6 +452,49 @@ def aligned_buffer(size: int) -> memoryview:
     return memoryview(mmap.mmap(-1, size))
 
 
+class _Loans:
+    """Ring buffers lent to a later stage without a copy (hypersdk.stages.Pipe): a ring buffer
+    of ``read_pieces`` is refilled only once every view of it that was lent has been written.
+
+    A writer hands the pipeline a view of the read buffer it was given; copying it into the
+    pipe would cost a memcpy of every byte the export stores. The borrower registers a loan
+    and returns it when the next stage is done with the bytes; ``read_pieces`` waits for the
+    loans of a buffer before reading into it again."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loans: dict[int, list[threading.Event]] = {}
+
+    def open(self, buf: memoryview) -> None:
+        with self._lock:
+            self._loans[id(buf.obj)] = []
+
+    def close(self, buf: memoryview) -> None:
+        with self._lock:
+            self._loans.pop(id(buf.obj), None)
+
+    def lend(self, view: memoryview) -> Callable[[], None] | None:
+        """A callback that returns the loan, or None if ``view`` is not of a lendable buffer."""
+        with self._lock:
+            loans = self._loans.get(id(view.obj))
+            if loans is None:
+                return None
+            back = threading.Event()
+            loans.append(back)
+            return back.set
+
+    def settle(self, buf: memoryview) -> None:
+        """Wait until every loan of ``buf`` is back."""
+        with self._lock:
+            loans = self._loans.get(id(buf.obj))
+            pending, loans[:] = (list(loans), []) if loans else ([], loans)
+        for back in pending:
+            back.wait()
+
+
+LOANS = _Loans()
+
+
 def read_pieces(
     source,
     pieces: Iterable[Extent],
@@ -478,10 +523,18 @@ def read_pieces(
     from concurrent.futures import ThreadPoolExecutor
 
     it = iter(pieces)
-    free = deque(aligned_buffer(chunk) for _ in range(depth + 1))
+    ring = [aligned_buffer(chunk) for _ in range(depth + 1)]
+    free = deque(ring)
     inflight: deque = deque()
     workers = 0 if submit_readinto is not None else threads
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="read-pieces") as pool:
+    for buf in ring:
+        LOANS.open(buf)
+    with (
+        ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="read-pieces") as pool,
+        contextlib.ExitStack() as loans,
+    ):
+        for buf in ring:  # a lent view keeps its buffer alive: only the registration ends
+            loans.callback(LOANS.close, buf)
         if submit_readinto is None:
             submit_readinto = functools.partial(pool.submit, readinto)
 
@@ -504,5 +557,6 @@ def read_pieces(
             yield piece, view
             if still_using is not None:
                 still_using.result()
+            LOANS.settle(buf)  # views of it lent to a later stage are written by now
             free.append(buf)
             submit()

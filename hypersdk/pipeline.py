@@ -107,7 +107,8 @@ Runner = Callable[["ExportStream"], None]
 class ExportStream:
     """One export as stages over bounded in-memory streams (hypersdk.stages): download (the
     source reads), convert (``produce``, the format writer), encrypt (when asked) and upload
-    (stored bytes, hashed on the way, into ``out``).
+    (the stored bytes into ``out``). The stored bytes are hashed by the stage that makes them
+    (convert, or encrypt), which keeps that work off the upload stage.
 
     Whoever runs it calls ``run_stage(name)`` for every name in ``stage_names``, each on its
     own thread and all at once: ``run_in_threads`` does that with plain threads; the Prefect
@@ -137,7 +138,10 @@ class ExportStream:
 
             self.stats["encrypt"] = StageStats("encrypt")
             self._to_encrypt = Pipe("encrypt")
-            self._encryptor = encrypting_sink(encryption, self._to_upload)
+            # the stored bytes are hashed where they are made: here, after sealing
+            self._encryptor = encrypting_sink(
+                encryption, TeeSink(self._to_upload, self.object_hash)
+            )
         self.failure: BaseException | None = None
 
     @property
@@ -201,7 +205,9 @@ class ExportStream:
         cpu = time.thread_time()
         first = self._to_encrypt or self._to_upload
         try:
-            self._produce(first)
+            # unencrypted, the stored bytes are the writer's: hash them here, off the upload
+            # stage (the critical path of a page-cache target is hashing plus writing)
+            self._produce(first if self._to_encrypt else TeeSink(first, self.object_hash))
             first.close_write()
         finally:
             self.jobs.close()
@@ -227,7 +233,7 @@ class ExportStream:
             stats.finish()
 
     def _upload(self) -> None:
-        self._to_upload.drain(TeeSink(self._out, self.object_hash), self.stats["upload"])
+        self._to_upload.drain(self._out, self.stats["upload"])
 
     @property
     def object_size(self) -> int:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hypersdk.errors import HyperSDKError
-from hypersdk.io import IO_CHUNK, Sink, aligned_buffer
+from hypersdk.io import IO_CHUNK, LOANS, Sink, aligned_buffer
 
 
 class StageAborted(HyperSDKError):
@@ -70,6 +70,23 @@ class _Closed:
 
 
 _CLOSED = _Closed()
+
+
+def _nothing_to_return() -> None:
+    """The loan of immutable bytes: nothing to give back."""
+
+
+class _NotNow(Exception):
+    """A non-blocking acquire that would block."""
+
+
+def _try(sem: threading.Semaphore) -> Callable[[], bool]:
+    def now() -> bool:
+        if not sem.acquire(blocking=False):
+            raise _NotNow
+        return True
+
+    return now
 
 
 class JobQueue:
@@ -159,12 +176,16 @@ class Pipe:
     """A bounded in-memory byte stream between two stages.
 
     The producer uses it as a Sink (``write``, ``write_zeros``, ``tell``, then ``close_write``);
-    bytes are copied into a ring of ``buffers`` page-aligned buffers, so the producer may reuse
-    its own memory at once, and it waits when the consumer is that far behind. The consumer's
-    stage runs ``drain(sink)``, which writes everything, in order, into the next sink. A failed
-    consumer keeps draining (discarding) so the producer never blocks, and the producer's next
-    write raises the consumer's error.
+    the consumer's stage runs ``drain(sink)``, which writes everything, in order, into the next
+    sink. Large writes are borrowed, not copied, when that is safe: immutable ``bytes``, and
+    views of ``read_pieces`` ring buffers, whose refill waits until the loan is back
+    (``hypersdk.io.LOANS``). Everything else is copied into a ring of ``buffers`` page-aligned
+    buffers. Either way the bytes in flight are bounded (the producer waits when the consumer
+    is that far behind). A failed consumer keeps draining (discarding, returning loans) so the
+    producer never blocks, and the producer's next write raises the consumer's error.
     """
+
+    BORROW_MIN = 256 * 1024  # smaller writes are cheaper to copy than to hand over
 
     def __init__(self, name: str, buffers: int = 4, size: int = IO_CHUNK):
         self.name = name
@@ -176,6 +197,7 @@ class Pipe:
         self._buf: memoryview | None = None
         self._fill = 0
         self._pos = 0
+        self._lent = threading.Semaphore(buffers)  # borrowed writes in flight
         self.producer_wait = 0.0  # seconds the producer waited for the consumer
         self.error: BaseException | None = None
         self._aborted = False
@@ -185,24 +207,42 @@ class Pipe:
         if self.error is not None:
             raise self.error
 
-    def _take(self) -> memoryview:
+    def _waiting(self, get: Callable[[], Any], now: Callable[[], Any]) -> Any:
         try:
-            return self._free.get_nowait()
-        except queue.Empty:
+            return now()
+        except (queue.Empty, _NotNow):
             started = time.perf_counter()
-            buf = self._free.get()
+            got = get()
             self.producer_wait += time.perf_counter() - started
-            return buf
+            return got
+
+    def _take(self) -> memoryview:
+        return self._waiting(self._free.get, self._free.get_nowait)
 
     def _send(self) -> None:
         if self._fill:
-            self._items.put((self._buf, self._fill))
+            self._items.put((self._buf, self._fill, None))
             self._buf, self._fill = None, 0
+
+    def _borrow(self, view: memoryview) -> bool:
+        """Hand ``view`` over without a copy if its memory cannot change under the consumer."""
+        if len(view) < self.BORROW_MIN:
+            return False
+        back = _nothing_to_return if isinstance(view.obj, bytes) else LOANS.lend(view)
+        if back is None:
+            return False
+        self._send()
+        self._waiting(self._lent.acquire, _try(self._lent))
+        self._items.put((view, len(view), back))
+        return True
 
     def write(self, data: bytes | memoryview) -> int:
         self._check()
         view = memoryview(data).cast("B")
         n = len(view)
+        if self._borrow(view):
+            self._pos += n
+            return n
         while view:
             if self._buf is None:
                 self._buf = self._take()
@@ -219,7 +259,7 @@ class Pipe:
         self._check()
         if length > 0:
             self._send()
-            self._items.put((None, length))
+            self._items.put((None, length, None))
             self._pos += length
 
     def tell(self) -> int:
@@ -248,7 +288,7 @@ class Pipe:
             item = self._items.get()
             if item is _CLOSED:
                 break
-            buf, n = item
+            buf, n, back = item
             if failed is None:
                 started = time.perf_counter()
                 try:
@@ -262,8 +302,13 @@ class Pipe:
                         self.error = exc
                 stats.busy += time.perf_counter() - started
                 stats.bytes += n
-            if buf is not None:
-                self._free.put(buf)
+            if buf is None:
+                continue
+            if back is None:
+                self._free.put(buf)  # one of our buffers
+            else:  # borrowed: give it back
+                self._lent.release()
+                back()
         stats.finish()
         if failed is not None:
             raise failed
