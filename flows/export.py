@@ -27,7 +27,7 @@ from prefect.utilities.callables import get_call_parameters
 from flows.logs import route_engine_logs
 from hypersdk.formats import extension_for, get_driver
 from hypersdk.manifest import DiskManifest, ExportManifest
-from hypersdk.repository import disk_key, manifest_key, package_key
+from hypersdk.repository import MAX_DELTAS_IN_A_ROW, disk_key, manifest_key, package_key
 from hypersdk.requests import ExportRequest, validate_request
 from hypersdk.summary import DiskResult, MigrationResult, render_markdown
 from hypersdk.units import human
@@ -118,17 +118,15 @@ def pick_base(
         return None, f"no previous export of disk {disk}: full export"
     if newest.format != req.format or bool(newest.encryption) != (req.encryption is not None):
         return None, "previous export used another format or encryption: full export"
-    if req.full_every is not None:
-        deltas = 0
-        for manifest in history:  # newest first, back to the last full export
-            if manifest.kind != "incremental":
-                break
-            deltas += 1
-        if deltas >= req.full_every:
-            return (
-                None,
-                f"{deltas} deltas since the last full (full_every={req.full_every}): full export",
-            )
+    limit = min(req.full_every or MAX_DELTAS_IN_A_ROW, MAX_DELTAS_IN_A_ROW)
+    deltas = 0
+    for manifest in history:  # newest first, back to the last full export
+        if manifest.kind != "incremental":
+            break
+        deltas += 1
+    if deltas >= limit:
+        why = f"full_every={req.full_every}" if req.full_every else "the longest chain kept"
+        return None, f"{deltas} deltas since the last full ({why}): full export"
     return newest, ""
 
 

@@ -325,3 +325,37 @@ def test_encrypted_export_to_s3(prefect_api, moto_s3, vm_root, tmp_path, monkeyp
     qemu.compare(vm_root / "app01/disk0.img", plain, "raw", "qcow2")
     with pytest.raises(InvalidParameterError, match="must not be given in a URL"):
         migrate_vm(source=str(vm_root), vm="app01", target=url + "&secret_access_key=x")
+
+
+def test_incremental_chains_stop_where_readers_stop(prefect_api, vm_root, tmp_path, monkeypatch):
+    """migrate_vm has no full_every by default: a full comes again once the chain is as long as
+    readers follow (found the hard way: the 17th `make run` failed its verify)."""
+    import flows.export as export
+    from flows.migrate import migrate_vm
+
+    monkeypatch.setattr(export, "MAX_DELTAS_IN_A_ROW", 2)
+    target = tmp_path / "exports"
+    kinds = []
+    for i in range(4):
+        mutate_disk(vm_root / "app01/disk0.img", 2, seed=200 + i)
+        r = migrate_vm(vm="app01", source=str(vm_root), target=str(target))
+        kinds.append(r.kind)
+    assert kinds == ["full", "incremental", "incremental", "full"]
+    assert "the longest chain kept" in r.disks[0].note
+
+
+def test_the_longest_chain_kept_is_one_readers_open(tmp_path, qemu_img):
+    """A full and MAX_DELTAS_IN_A_ROW deltas open; one more delta is past what readers follow."""
+    from hypersdk.errors import FormatError
+    from hypersdk.formats import open_image
+    from hypersdk.repository import MAX_DELTAS_IN_A_ROW
+
+    names = [tmp_path / f"layer{i}.qcow2" for i in range(MAX_DELTAS_IN_A_ROW + 2)]
+    qemu.run("create", "-f", "qcow2", str(names[0]), "1M")
+    for below, above in zip(names, names[1:], strict=False):
+        res = qemu.run("create", "-f", "qcow2", "-b", below.name, "-F", "qcow2", str(above))
+        assert res.returncode == 0, res.stderr
+    with open_image(names[MAX_DELTAS_IN_A_ROW]) as image:  # full + MAX deltas
+        assert image.size == 1 << 20
+    with pytest.raises(FormatError, match="deeper than"):
+        open_image(names[MAX_DELTAS_IN_A_ROW + 1])

@@ -93,12 +93,19 @@ def run_flow(flow_name: str, params: dict[str, Any]) -> MigrationResult:
     _use_prefect_api()
     _warnings_to_stderr()
     from prefect import Flow
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     if flow_name == "backup-vm":
         from flows.backup import backup_vm as flow
     else:
         from flows.migrate import migrate_vm as flow
-    with live_progress(sys.stderr.isatty()):
+    with (
+        live_progress(sys.stderr.isatty()),
+        # Heartbeats let a server automation mark a vanished run as crashed; none is set up
+        # for runs made in this process, and Prefect's heartbeat thread holds the exit for up
+        # to a second (it sleeps in 1 s steps): a quarter of a short run.
+        temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
+    ):
         # checked above: skip ExportFlow's own pre-run check (a second vSphere login)
         return Flow.__call__(flow, **params)
 

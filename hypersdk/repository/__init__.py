@@ -6,6 +6,7 @@ docs/repository.md documents every object and field, so a restore never depends 
 
 from hypersdk.repository.layout import (
     MANIFEST_NAME,
+    MAX_DELTAS_IN_A_ROW,
     disk_key,
     export_prefix,
     manifest_key,
@@ -16,6 +17,7 @@ from hypersdk.repository.layout import (
 
 __all__ = [
     "MANIFEST_NAME",
+    "MAX_DELTAS_IN_A_ROW",
     "disk_key",
     "export_prefix",
     "manifest_key",

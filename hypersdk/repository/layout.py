@@ -14,6 +14,9 @@ from __future__ import annotations
 from hypersdk.names import check_export_id, safe_component
 
 MANIFEST_NAME = "manifest.json"
+# Deltas in a row before an incremental run makes a full again: image readers follow backing
+# chains of at most 16 images (formats._qcow2_backing.MAX_CHAIN), the full and 15 deltas.
+MAX_DELTAS_IN_A_ROW = 15
 
 
 def vm_prefix(vm: str) -> str:
