@@ -51,11 +51,17 @@ def read_story(api: str, run_id: str) -> dict:
 
 def assert_tells_the_story(api: str, run_id: str, disks: tuple[str, ...] = ("disk0",)) -> dict:
     """Assertions on a completed export run; returns what was read (for more checks)."""
-    deadline = time.monotonic() + 30  # logs arrive in batches: give the last one a moment
+    # logs arrive in batches and task runs from events the server records as they come: give
+    # the last of them a moment after the process that made the run has exited
+    deadline = time.monotonic() + 30
     while True:
         story = read_story(api, run_id)
         text = "\n".join(entry["message"] for entry in story["logs"])
-        if "verified" in text or time.monotonic() > deadline:
+        done = {t["name"] for t in story["tasks"] if t["state_type"] == "COMPLETED"}
+        expected = {"remove-snapshot", "publish-manifest", "verify-export"} | {
+            f"{stage}-{disk}" for disk in disks for stage in ("cbt-diff", *STAGES)
+        }
+        if ("verified" in text and expected <= done) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     names = {t["name"] for t in story["tasks"]}
