@@ -84,7 +84,11 @@ def output_formats() -> list[str]:
 def output_driver(name: str) -> FormatDriver:
     """The driver of an output format the user asked for, or UnsupportedFormatError saying why
     it is not one (read-only, or the repository's own delta format)."""
-    driver = get_driver(name)
+    try:
+        driver = get_driver(name)
+    except UnsupportedFormatError:
+        known = ", ".join(output_formats())
+        raise UnsupportedFormatError(None, f"unknown format {name!r} (known: {known})") from None
     if driver.kind == "delta":
         raise UnsupportedFormatError(
             None,
