@@ -52,25 +52,21 @@ def best_interleaved(rounds: int, contenders: list[tuple[list[str], list[Path]]]
 
 def back_to_back(rounds: int, contenders: list[list[str]]):
     """Median (wall, RSS, stdout) of each contender run the way a user runs a tool again and
-    again: each run writes over its own previous output, with no removal and no sync in
-    between (so whatever a previous run left behind, dirty pages, an output to replace, weighs
-    on the next, as it does for users). The first round only makes the outputs exist; the
-    contenders alternate, in a fresh order every round."""
+    again: ``rounds`` runs in a row, each writing over the previous run's output, with no
+    removal and no sync in between, so whatever a run left behind (dirty pages, an output to
+    replace) weighs on the next, as it does for users. Each contender's block starts after a
+    sync and one uncounted run that makes its output exist; blocks go in a seeded order."""
     import statistics
 
-    samples: list[list] = [[] for _ in contenders]
-    for r in range(rounds + 1):
-        order = list(range(len(contenders)))
-        random.Random(r).shuffle(order)
-        for i in order:
-            result = run_measured(contenders[i])
-            if r:
-                samples[i].append(result)
-    out = []
-    for runs in samples:
-        runs.sort(key=lambda x: x[0])
+    out: list = [None] * len(contenders)
+    order = list(range(len(contenders)))
+    random.Random(len(contenders) + rounds).shuffle(order)
+    for i in order:
+        os.sync()
+        run_measured(contenders[i])  # the output now exists, as it does for a user
+        runs = sorted((run_measured(contenders[i]) for _ in range(rounds)), key=lambda x: x[0])
         mid = runs[len(runs) // 2]
-        out.append((statistics.median(x[0] for x in runs), max(x[1] for x in runs), mid[2]))
+        out[i] = (statistics.median(x[0] for x in runs), max(x[1] for x in runs), mid[2])
     return out
 
 

@@ -2,7 +2,7 @@
 user runs it, on a machine kept busy by CPU-bound processes.
 
     python -m benchmarks.first_run [--first-runs 5] [--warm-runs 5] [--hogs 2] [--port N]
-                                   [--wrap] [--dir /var/tmp/hsfirst]
+                                   [--dir /var/tmp/hsfirst]
 
 1. ``--first-runs`` times: a fresh HYPERSDK_HOME and a fresh PREFECT_HOME (a new database to
    migrate), one ``hyperctl demo``, then ``hyperctl server stop``. Every one must succeed.
@@ -11,8 +11,7 @@ user runs it, on a machine kept busy by CPU-bound processes.
 
 ``--hogs`` busy-loop processes run beside it the whole time (stopped at the end, by PID). The
 server listens on a free port unless ``--port`` says otherwise, so another server on 4200 (a
-colleague's ``make server``) is not mistaken for ours. ``--wrap`` runs ``ensure_api`` before the
-CLI, for a ``hyperctl demo`` that does not call it yet. Exit status 1 if any first run failed.
+colleague's ``make server``) is not mistaken for ours. Exit status 1 if any first run failed.
 """
 
 from __future__ import annotations
@@ -33,13 +32,6 @@ from pathlib import Path
 
 from benchmarks._util import hyperctl
 
-_WRAP = (
-    "import sys, click\n"
-    "from hypersdk.localapi import ensure_api\n"
-    "ensure_api(lambda m: click.echo(m, err=True))\n"
-    "from hypersdk.cli.main import main\n"
-    "sys.exit(main(sys.argv[1:]))\n"
-)
 _CLEAN = (
     "PREFECT_API_URL",
     "PREFECT_UI_URL",
@@ -119,12 +111,11 @@ def main() -> int:
     ap.add_argument("--warm-runs", type=int, default=5)
     ap.add_argument("--hogs", type=int, default=2, help="CPU-bound processes beside the runs")
     ap.add_argument("--port", type=int, help="the server's port (default: a free one)")
-    ap.add_argument("--wrap", action="store_true", help="call ensure_api before the CLI")
     ap.add_argument("--timeout", type=float, default=600, help="per run")
     ap.add_argument("--dir", type=Path, help="where the fresh homes go (default: a temp dir)")
     args = ap.parse_args()
 
-    argv = [sys.executable, "-c", _WRAP, "demo"] if args.wrap else [hyperctl(), "demo"]
+    argv = [hyperctl(), "demo"]
     base = Path(tempfile.mkdtemp(prefix="hsfirst-", dir=args.dir))
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.hogs)]
     runs: list[Run] = []

@@ -6,9 +6,10 @@ on the same 2 GiB realistic image (30% random, 20% text-like, 50% holes), in the
 
 Like for like: both tools read the same warm raw image (``-f raw``) and write with the same
 ``-t`` cache mode (default ``unsafe``, qemu-img convert's own default: page cache, no flush).
-By default each tool runs back to back, as a user runs it: every run writes over its previous
-output, no removal, no sync in between (median of ``--runs`` after a first run that makes the
-outputs), the two tools alternating. ``--fresh`` measures the other way: best of ``--runs``,
+By default each tool runs back to back, as a user runs it: ``--runs`` runs in a row, every run
+writing over its previous output, no removal, no sync in between (median, after one uncounted
+run that makes the output exist; a sync before each tool's block, so one tool's dirty pages do
+not throttle the other's). ``--fresh`` measures the other way: best of ``--runs``,
 outputs removed and ``sync`` before every run, so the machine's slow page-cache phases hit
 both alike. Our output of every
 format is checked once with ``qemu-img compare`` against the source: a fast wrong result aborts
