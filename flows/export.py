@@ -26,8 +26,15 @@ from prefect.utilities.callables import get_call_parameters
 
 from flows.logs import route_engine_logs
 from hypersdk.formats import extension_for, get_driver
-from hypersdk.manifest import DiskManifest, ExportManifest
-from hypersdk.repository import MAX_DELTAS_IN_A_ROW, disk_key, manifest_key, package_key
+from hypersdk.manifest import DiskManifest, ExportManifest, ParentLink
+from hypersdk.repository import (
+    MAX_DELTAS_IN_A_ROW,
+    disk_key,
+    manifest_key,
+    package_key,
+    vm_prefix,
+)
+from hypersdk.repository.locks import RepositoryLock, default_owner
 from hypersdk.requests import ExportRequest, validate_request
 from hypersdk.summary import DiskResult, MigrationResult, render_markdown
 from hypersdk.units import human
@@ -37,12 +44,14 @@ from tasks.cbt import changed_extents
 from tasks.common import io_task_options
 from tasks.manifest import find_previous_export, publish_manifest
 from tasks.snapshot import release_snapshot, take_snapshot
-from tasks.transfer import export_disk, export_package
+from tasks.transfer import delta_options, export_disk, export_package
 from tasks.verify import verify
 
 # Disks of one VM exported at once; each needs one task-runner thread per stage (up to four).
 DISK_CONCURRENCY = 4
 STAGE_THREADS = 4 * DISK_CONCURRENCY + 4
+# How long an export waits for another export of the same VM into the same repository
+LOCK_WAIT = 300.0
 
 
 class ExportFlow(Flow):
@@ -101,23 +110,28 @@ def check_request(req: ExportRequest) -> str:
 
 def pick_base(
     history: list[ExportManifest], disk: str, req: ExportRequest
-) -> tuple[DiskManifest | None, str]:
-    """The previous export of ``disk`` a delta can build on, or None and the reason why not."""
+) -> tuple[tuple[ExportManifest, DiskManifest] | None, str]:
+    """The newest point of ``disk`` a delta can build on (its export's manifest and the disk's
+    entry), or None and the reason why not. A delta is an HSDELTA naming that point by export
+    id and object hash, whatever the chain's format or target (docs/repository.md)."""
     if not req.incremental:
         return None, "full export asked for"
     if not history:
         return None, "no previous export on this target: full export"
-    if not get_driver(req.format).supports_backing:
-        return None, f"format {req.format} cannot hold a delta: full export"
-    if req.encryption is not None:
-        # A delta names its base by path, and an encrypted base can't be opened as a backing
-        # file: encrypted exports stay full until backup chains restore through our own reader.
-        return None, "encrypted exports are always full: full export"
-    newest = next((d for m in history for d in m.disks if d.name == disk), None)
-    if newest is None:
+    if get_driver(req.format).kind == "package":
+        return None, f"format {req.format} packages the whole VM: full export"
+    found = next(((m, d) for m in history for d in m.disks if d.name == disk), None)
+    if found is None:
         return None, f"no previous export of disk {disk}: full export"
-    if newest.format != req.format or bool(newest.encryption) != (req.encryption is not None):
-        return None, "previous export used another format or encryption: full export"
+    _, newest = found
+    if newest.base_key is not None:
+        return None, "the previous export is a qcow2 delta named by path (older version): full"
+    if (newest.image_format or newest.format) != req.format:
+        return None, "previous export used another format: full export"
+    if bool(newest.encryption) != (req.encryption is not None):
+        return None, "previous export was encrypted differently: full export"
+    if req.encryption is not None and req.encryption.method == "gpg":
+        return None, "GPG exports have no random access to restore a chain through: full export"
     limit = min(req.full_every or MAX_DELTAS_IN_A_ROW, MAX_DELTAS_IN_A_ROW)
     deltas = 0
     for manifest in history:  # newest first, back to the last full export
@@ -127,7 +141,7 @@ def pick_base(
     if deltas >= limit:
         why = f"full_every={req.full_every}" if req.full_every else "the longest chain kept"
         return None, f"{deltas} deltas since the last full ({why}): full export"
-    return newest, ""
+    return found, ""
 
 
 def _ui_url(flow_run_id: str | None) -> str | None:
@@ -135,7 +149,7 @@ def _ui_url(flow_run_id: str | None) -> str | None:
     return f"{base.rstrip('/')}/runs/flow-run/{flow_run_id}" if base and flow_run_id else None
 
 
-def _disk_result(dm: DiskManifest, stats: dict, target, incremental: bool) -> DiskResult:
+def _disk_result(dm: DiskManifest, stats: dict, target) -> DiskResult:
     return DiskResult(
         name=dm.name,
         key=dm.key,
@@ -145,27 +159,42 @@ def _disk_result(dm: DiskManifest, stats: dict, target, incremental: bool) -> Di
         data_bytes=dm.data_bytes,
         object_size=dm.object_size,
         skipped_bytes=dm.virtual_size - dm.data_bytes,
-        incremental=incremental,
-        base_key=dm.base_key,
+        incremental=dm.kind == "delta",
+        base_key=dm.parent.key if dm.parent else None,
         note=dm.note,
         stages=stats["stages"],
     )
 
 
 def _export_disk(req, snap, disk, vm_name, target, history) -> tuple[DiskManifest, DiskResult]:
-    """One disk as one object: a full image, or a delta on the previous export."""
+    """One disk as one object: a full image, or an HSDELTA on the newest point."""
     logger = get_run_logger()
     base, why_full = pick_base(history, disk.name, req)
-    if base is not None and not target.exists(base.key):
-        base, why_full = None, f"previous export {base.key} is gone: full export"
+    if base is not None and not target.exists(base[1].key):
+        base, why_full = None, f"previous export {base[1].key} is gone: full export"
     if base is not None:
-        logger.info("%s: delta on %s (change id %s)", disk.name, base.key, base.change_id or "none")
+        logger.info(
+            "%s: delta on point %s (%s, change id %s)",
+            disk.name,
+            base[0].export_id,
+            base[1].key,
+            base[1].change_id or "none",
+        )
     else:
         logger.info("%s: %s", disk.name, why_full)
-    changes = changed_extents(req.source, snap, disk, base.change_id if base else None)
+    changes = changed_extents(req.source, snap, disk, base[1].change_id if base else None)
     note = "; ".join(n for n in (why_full if base is None else "", changes.note) if n)
-    base_key = base.key if base is not None and changes.incremental else None
-    key = disk_key(vm_name, snap.id, disk.name, extension_for(req.format), bool(req.encryption))
+    parent = None
+    if base is not None and changes.incremental:
+        parent = ParentLink(
+            export_id=base[0].export_id,
+            disk=disk.name,
+            key=base[1].key,
+            object_blake3=base[1].object_blake3,
+            virtual_size=base[1].virtual_size,
+        )
+    fmt = "hsdelta" if parent else req.format
+    key = disk_key(vm_name, snap.id, disk.name, extension_for(fmt), bool(req.encryption))
     dm, stats = export_disk(
         req.source,
         snap,
@@ -173,22 +202,23 @@ def _export_disk(req, snap, disk, vm_name, target, history) -> tuple[DiskManifes
         changes,
         req.target,
         key,
+        fmt,
+        delta_options(parent) if parent else req.format_options,
+        parent,
         req.format,
-        req.format_options,
-        base_key,
         req.encryption,
     )
     dm.note = note
     logger.info(
         "%s: %s object %s, %s (%s of guest data, %s skipped)",
         disk.name,
-        "delta" if base_key else "full",
+        "delta" if parent else "full",
         key,
         human(dm.object_size),
         human(dm.data_bytes),
         human(dm.virtual_size - dm.data_bytes),
     )
-    return dm, _disk_result(dm, stats, target, base_key is not None)
+    return dm, _disk_result(dm, stats, target)
 
 
 def _export_disks(req, snap, vm_name, target, history) -> tuple[list, list]:
@@ -223,7 +253,7 @@ def _export_package(req, snap, vm_name, target) -> tuple[list, list]:
     dms, stats = export_package(
         req.source, snap, changes, req.target, key, req.format_options, req.encryption
     )
-    results = [_disk_result(dm, stats, target, False) for dm in dms]
+    results = [_disk_result(dm, stats, target) for dm in dms]
     for r in results[1:]:  # one object: count its bytes once
         r.object_size = 0
     return dms, results
@@ -234,6 +264,53 @@ def run_export(req: ExportRequest) -> MigrationResult:
     logger = get_run_logger()
     started = time.perf_counter()
     vm_name = check_request(req)
+    flow_run_id = runtime.flow_run.id
+    # one export of a VM into one repository at a time: its history and the delta built on it
+    # must not interleave with another's (a lock object on the target, docs/repository.md)
+    with (
+        open_target(req.target) as lock_target,
+        RepositoryLock(
+            lock_target,
+            vm_prefix(vm_name),
+            default_owner("export", str(flow_run_id) if flow_run_id else None),
+            wait=LOCK_WAIT,
+        ) as lock,
+    ):
+        if lock.took_over is not None:
+            logger.warning(
+                "took over a stale repository lock (%s)", lock.took_over.describe(time.time())
+            )
+        manifest, disks, results, location = _locked_export(req, vm_name, started)
+    if req.verify:
+        checked = verify(req.target, manifest_key(vm_name, manifest.export_id), req.encryption)
+        logger.info(
+            "verified: %d chunk hashes of %d disk(s) match the manifest", checked, len(disks)
+        )
+    result = MigrationResult(
+        export_id=manifest.export_id,
+        kind=manifest.kind,
+        vm=vm_name,
+        source=req.source,
+        target=req.target,
+        manifest=location,
+        encrypted=req.encryption is not None,
+        verified=req.verify,
+        seconds=time.perf_counter() - started,
+        disks=results,
+        flow_run_id=str(flow_run_id) if flow_run_id else None,
+        ui_url=_ui_url(flow_run_id),
+    )
+    create_markdown_artifact(
+        render_markdown(result),
+        key=f"export-{_artifact_key(vm_name)}",
+        description=f"{manifest.kind} export of {vm_name}",
+    )
+    return result
+
+
+def _locked_export(req: ExportRequest, vm_name: str, started: float):
+    """Snapshot, disks, manifest, snapshot removed: the part that holds the repository lock."""
+    logger = get_run_logger()
     history = find_previous_export(req.target, vm_name) if req.incremental else []
     snap = take_snapshot(req.source, vm_name)
     logger.info(
@@ -261,32 +338,7 @@ def run_export(req: ExportRequest) -> MigrationResult:
     finally:
         release_snapshot(req.source, snap)
         logger.info("snapshot %s removed", snap.id)
-    if req.verify:
-        checked = verify(req.target, manifest_key(vm_name, snap.id), req.encryption)
-        logger.info(
-            "verified: %d chunk hashes of %d disk(s) match the manifest", checked, len(disks)
-        )
-    flow_run_id = runtime.flow_run.id
-    result = MigrationResult(
-        export_id=snap.id,
-        kind=kind,
-        vm=vm_name,
-        source=req.source,
-        target=req.target,
-        manifest=location,
-        encrypted=req.encryption is not None,
-        verified=req.verify,
-        seconds=time.perf_counter() - started,
-        disks=results,
-        flow_run_id=str(flow_run_id) if flow_run_id else None,
-        ui_url=_ui_url(flow_run_id),
-    )
-    create_markdown_artifact(
-        render_markdown(result),
-        key=f"export-{_artifact_key(vm_name)}",
-        description=f"{kind} export of {vm_name}",
-    )
-    return result
+    return manifest, disks, results, location
 
 
 def _artifact_key(name: str) -> str:

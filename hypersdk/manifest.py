@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import blake3
 import pydantic_core
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hypersdk import __version__
 from hypersdk.errors import FormatError
@@ -29,7 +29,9 @@ from hypersdk.extents import Extent, ExtentMap
 from hypersdk.models import VMInfo
 from hypersdk.references import printable
 
-SCHEMA = "hypersdk.export/v1"
+SCHEMA = "hypersdk.export/v2"
+# v1: deltas were qcow2 images naming their base by path (base_key); still read
+READABLE_SCHEMAS = ("hypersdk.export/v1", SCHEMA)
 # A fully written 1 TiB disk takes ~37 MB of chunk list: this leaves room for several of them,
 # and refuses a planted multi-gigabyte "manifest" before it is read.
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
@@ -63,8 +65,49 @@ def key_problem(key: str) -> str | None:
     return None
 
 
+class ParentLink(BaseModel):
+    """The point a delta builds on: by export id, disk name and its stored object's BLAKE3,
+    never by path, so a chain restores from any target (docs/repository.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    export_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+    disk: str = Field(min_length=1, max_length=255)
+    key: str
+    object_blake3: str = Field(pattern=r"^[0-9a-f]{64}$")
+    virtual_size: int = Field(ge=0)
+
+    @field_validator("key")
+    @classmethod
+    def _plain_key(cls, key: str) -> str:
+        problem = key_problem(key)
+        if problem:
+            raise ValueError(f"object key {printable(key)!r} {problem}")
+        return key
+
+
+class ObjectRef(BaseModel):
+    """A stored object another record points to (key and BLAKE3)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str
+    object_blake3: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class DiskManifest(BaseModel):
     name: str
+    kind: Literal["full", "delta"] = Field(
+        default="full", description="A standard image of the whole disk, or an HSDELTA on a parent"
+    )
+    parent: ParentLink | None = Field(default=None, description="The point a delta builds on")
+    image_format: str | None = Field(
+        default=None, description="The format of the chain's full: what a restore gives by default"
+    )
+    replaces: ObjectRef | None = Field(
+        default=None,
+        description="The delta a synthetic full replaced (forget): children naming it still match",
+    )
     virtual_size: int = Field(ge=0)
     format: str
     format_options: dict[str, str] = Field(default_factory=dict)
@@ -92,6 +135,14 @@ class DiskManifest(BaseModel):
         if problem:
             raise ValueError(f"object key {printable(key)!r} {problem}")
         return key
+
+    @model_validator(mode="after")
+    def _delta_has_parent(self) -> DiskManifest:
+        if (self.kind == "delta") != (self.parent is not None):
+            raise ValueError("a delta names its parent, and only a delta does")
+        if self.kind == "delta" and self.format != "hsdelta":
+            raise ValueError(f"a delta is stored as hsdelta, not {printable(self.format)!r}")
+        return self
 
     @model_validator(mode="after")
     def _chunks_inside_disk(self) -> DiskManifest:
@@ -125,6 +176,15 @@ class ExportManifest(BaseModel):
 
     model_config = {"populate_by_name": True}
 
+    def disk(self, name: str) -> DiskManifest:
+        """The entry of disk ``name``; VerificationError naming the export if there is none."""
+        for d in self.disks:
+            if d.name == name:
+                return d
+        from hypersdk.errors import VerificationError
+
+        raise VerificationError(f"export {self.export_id} has no disk {printable(name)!r}")
+
     def to_json(self) -> bytes:
         return self.model_dump_json(indent=2, by_alias=True).encode()
 
@@ -142,10 +202,12 @@ class ExportManifest(BaseModel):
             raise FormatError(name, "not a manifest: JSON object expected")
         if "schema" not in raw:
             raise FormatError(name, f"not a manifest: no schema (this version reads {SCHEMA})")
-        if raw["schema"] != SCHEMA:
+        if raw["schema"] not in READABLE_SCHEMAS:
             shown = printable(repr(raw["schema"])[:80])
             raise FormatError(
-                name, f"manifest schema {shown} is not supported (this version reads {SCHEMA})"
+                name,
+                f"manifest schema {shown} is not supported (this version reads "
+                f"{', '.join(READABLE_SCHEMAS)})",
             )
         try:
             return cls.model_validate(raw)

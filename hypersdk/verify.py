@@ -80,13 +80,55 @@ def _check_keys(manifest_key: str, disks) -> None:
             )
 
 
-def _check_disk(image, chunks) -> list[int]:
+def _check_disk(image, chunks, delta: bool) -> list[int]:
     """Offsets of the chunks ``image`` does not match. A hashed chunk past the image's end is a
     mismatch without a read: a planted manifest cannot make verify read beyond the disk (zero
-    runs only read the image's own data extents)."""
+    runs only read the image's own data extents). A delta's chunks cover its own entries,
+    which it answers without its chain."""
     inside = [c for c in chunks if c[2] == ZERO or c[0] + c[1] <= image.size]
     past = [c[0] for c in chunks if c[2] != ZERO and c[0] + c[1] > image.size]
-    return sorted(check_chunks(image, inside, image.extents()) + past)
+    extents = image.own_extents() if delta else image.extents()
+    return sorted(check_chunks(image, inside, extents) + past)
+
+
+def check_disk(target, disk, encryption: Any | None = None) -> DiskVerdict:
+    """One stored object against its manifest entry: the object's size and BLAKE3, then every
+    chunk hash of the guest bytes it defines (through the decryption when encrypted)."""
+    reader = target.open_coalesced(disk.key)  # a pass over the whole object: few requests
+    try:
+        object_ok = reader.size == disk.object_size and _object_hash(reader) == disk.object_blake3
+        logical, logical_ok = reader, True
+        if disk.encryption:
+            logical, logical_ok = _decrypting(disk, reader, encryption)
+        bad: list[int] = []
+        if logical_ok:
+            image = _open_logical(disk, logical)
+            try:
+                bad = _check_disk(image, disk.chunks, disk.kind == "delta")
+            finally:
+                image.close()
+    finally:
+        reader.close()
+    checked = len(disk.chunks) if logical_ok else 0
+    return DiskVerdict(disk.name, disk.key, object_ok, checked, bad)
+
+
+def _mismatch(verdicts: list[DiskVerdict]) -> VerificationError:
+    parts = []
+    for v in verdicts:
+        what = [] if v.object_ok else ["stored object hash differs"]
+        if v.bad_chunks:
+            what.append(f"{len(v.bad_chunks)} chunk(s) differ, first at offset {v.bad_chunks[0]}")
+        parts.append(f"{v.key}: {', '.join(what)}")
+    return VerificationError("export does not match its manifest: " + "; ".join(parts))
+
+
+def verify_disk(target, disk, encryption: Any | None = None) -> DiskVerdict:
+    """``check_disk``, raising VerificationError naming the object on any mismatch."""
+    verdict = check_disk(target, disk, encryption)
+    if not verdict.ok:
+        raise _mismatch([verdict])
+    return verdict
 
 
 def verify_export(target, manifest_key: str, encryption: Any | None = None) -> list[DiskVerdict]:
@@ -94,36 +136,8 @@ def verify_export(target, manifest_key: str, encryption: Any | None = None) -> l
     A manifest that cannot be read is a FormatError naming it."""
     manifest = read_manifest(target, manifest_key)
     _check_keys(manifest_key, manifest.disks)
-    verdicts = []
-    for disk in manifest.disks:
-        reader = target.open_coalesced(disk.key)  # a pass over the whole object: few requests
-        try:
-            object_ok = (
-                reader.size == disk.object_size and _object_hash(reader) == disk.object_blake3
-            )
-            logical, logical_ok = reader, True
-            if disk.encryption:
-                logical, logical_ok = _decrypting(disk, reader, encryption)
-            bad: list[int] = []
-            if logical_ok:
-                image = _open_logical(disk, logical)
-                try:
-                    bad = _check_disk(image, disk.chunks)
-                finally:
-                    image.close()
-        finally:
-            reader.close()
-        checked = len(disk.chunks) if logical_ok else 0
-        verdicts.append(DiskVerdict(disk.name, disk.key, object_ok, checked, bad))
+    verdicts = [check_disk(target, disk, encryption) for disk in manifest.disks]
     failed = [v for v in verdicts if not v.ok]
     if failed:
-        parts = []
-        for v in failed:
-            what = [] if v.object_ok else ["stored object hash differs"]
-            if v.bad_chunks:
-                what.append(
-                    f"{len(v.bad_chunks)} chunk(s) differ, first at offset {v.bad_chunks[0]}"
-                )
-            parts.append(f"{v.key}: {', '.join(what)}")
-        raise VerificationError("export does not match its manifest: " + "; ".join(parts))
+        raise _mismatch(failed)
     return verdicts

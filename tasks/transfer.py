@@ -9,7 +9,6 @@ retries are per disk: a transient failure (the error class says so) runs the dis
 from __future__ import annotations
 
 import functools
-import posixpath
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -20,7 +19,7 @@ from prefect.futures import as_completed
 
 from hypersdk.errors import HyperSDKError
 from hypersdk.formats import get_driver
-from hypersdk.manifest import DiskManifest
+from hypersdk.manifest import DiskManifest, ParentLink
 from hypersdk.models import DiskInfo, Snapshot
 from hypersdk.pipeline import ExportStream, StreamResult, export_ova_stream, export_stream
 from hypersdk.stages import StageStats
@@ -97,15 +96,14 @@ def with_disk_retries(what: str, attempt: Callable[[], Any]) -> Any:
     raise AssertionError("unreachable")
 
 
-def delta_options(
-    fmt: str, key: str, base_key: str | None, options: Mapping[str, str] | None
-) -> dict:
-    """Format options for this export; a delta names its base relative to itself."""
-    out = dict(options or {})
-    if base_key is not None:
-        out["backing_file"] = posixpath.relpath(base_key, posixpath.dirname(key))
-        out["backing_format"] = fmt
-    return get_driver(fmt).check_options(out)
+def delta_options(parent: ParentLink) -> dict[str, str]:
+    """The HSDELTA writer's options: the parent it names (docs/repository.md)."""
+    return {
+        "parent_export_id": parent.export_id,
+        "parent_disk": parent.disk,
+        "parent_object_blake3": parent.object_blake3,
+        "parent_virtual_size": str(parent.virtual_size),
+    }
 
 
 def export_disk(
@@ -117,12 +115,14 @@ def export_disk(
     key: str,
     fmt: str,
     format_options: Mapping[str, str] | None = None,
-    base_key: str | None = None,
+    parent: ParentLink | None = None,
+    image_format: str | None = None,
     encryption: Any | None = None,
 ) -> tuple[DiskManifest, dict]:
-    """Stream one disk into ``key`` on the target; nothing is visible there unless it all
-    worked. Runs in the flow: the stages are its tasks."""
-    options = delta_options(fmt, key, base_key, format_options)
+    """Stream one disk into ``key`` on the target (a full image in ``fmt``, or an HSDELTA on
+    ``parent``); nothing is visible there unless it all worked. Runs in the flow: the stages
+    are its tasks."""
+    options = get_driver(fmt).check_options(format_options)
 
     def attempt() -> StreamResult:
         with open_source(source_url) as source, open_target(target_url) as target:
@@ -158,13 +158,15 @@ def export_disk(
     result = with_disk_retries(f"export of {disk.name}", attempt)
     manifest = DiskManifest(
         name=disk.name,
+        kind="delta" if parent else "full",
+        parent=parent,
+        image_format=image_format or fmt,
         virtual_size=result.virtual_size,
         format=fmt,
         format_options=options,
         key=key,
         object_size=result.object_size,
         object_blake3=result.object_blake3,
-        base_key=base_key,
         change_id=changes.change_id,
         since_change_id=changes.since,
         data_bytes=result.data_bytes,

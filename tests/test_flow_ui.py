@@ -58,7 +58,7 @@ def test_cli_run_tells_its_story_in_the_ui(cli_env):
     assert second.returncode == 0, second.stdout + second.stderr
     story = assert_tells_the_story(api, flow_run_id(second.stdout), disks=("disk0", "disk1"))
     text = "\n".join(entry["message"] for entry in story["logs"])
-    assert "disk0: delta on web01/" in text  # which base, by name
+    assert "disk0: delta on point " in text  # which base, by export id
     assert "disk0: changes since" in text
 
 

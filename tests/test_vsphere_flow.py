@@ -11,6 +11,7 @@ from hypersdk.errors import HyperSDKError
 from hypersdk.imagegen import mutate_disk, write_realistic_disk
 from tests import qemu
 from tests.fixtures.vcsim import reconfigure, snapshot_names
+from tests.points import assert_point_equals
 
 MiB = 1024 * 1024
 BS = 64 * 1024
@@ -50,7 +51,7 @@ def test_migrate_vm_full_incremental_and_failure(prefect_api, vcsim, govc_env, t
     assert r2.kind == "incremental" and d2.incremental and d2.base_key == r1.disks[0].key
     assert d2.data_bytes == len(changed) * BS  # CBT: only the changed blocks moved
     assert d2.stages["download"]["bytes"] == d2.data_bytes
-    qemu.compare(flat, target / d2.key, "raw", "qcow2")  # base + delta == the new disk
+    assert_point_equals(f"file://{target}", vm, r2.export_id, flat, tmp_path)  # base + delta
     assert snapshot_names(vcsim, vm) == []
 
     blocked = tmp_path / "exports2"

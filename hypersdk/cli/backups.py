@@ -1,0 +1,148 @@
+"""``hyperctl backups list`` and ``hyperctl restore``: the points of a VM's backup repository, and
+any of them back as image files or a local VM directory (hypersdk.repository)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from hypersdk.cli.common import Group, byte_counter, key_reference, progress_bar
+
+backups_app = Group("backups", help="The points in a VM's backup repository.", no_args_is_help=True)
+
+target_opt = click.option("--target", "-t", help="Target URL (default: local exports)")
+json_opt = click.option("--json", "as_json", is_flag=True, help="Machine-readable output")
+
+
+def _key(key_file: str | None, passphrase_file: str | None, passphrase_env: str | None):
+    spec = key_reference(key_file, passphrase_file, passphrase_env, None)
+    if spec is None:
+        return None
+    from hypersdk.crypto import KeySpec
+
+    return KeySpec.model_validate(spec)
+
+
+def _target(url: str | None):
+    from hypersdk import config
+    from providers import open_target
+
+    return open_target(url or config.default_target_url())
+
+
+@backups_app.command("list", help="List a VM's points, oldest first: kind, disks, chain.")
+@click.argument("vm", help="VM name")
+@target_opt
+@json_opt
+def backups_list(vm: str, target: str | None, as_json: bool) -> None:
+    from hypersdk.repository.chain import point_manifest
+    from hypersdk.repository.restore import points
+    from hypersdk.units import human
+
+    rows = []
+    with _target(target) as t:
+        for export_id in points(t, vm):
+            m = point_manifest(t, vm, export_id)
+            rows.append(
+                {
+                    "export_id": m.export_id,
+                    "created": m.created.isoformat(),
+                    "kind": m.kind,
+                    "disks": [
+                        {
+                            "name": d.name,
+                            "kind": d.kind,
+                            "format": d.format,
+                            "virtual_size": d.virtual_size,
+                            "stored_bytes": d.object_size,
+                            "parent": d.parent.export_id if d.parent else None,
+                            "encrypted": bool(d.encryption),
+                        }
+                        for d in m.disks
+                    ],
+                }
+            )
+    if not rows:
+        from hypersdk.errors import ObjectNotFoundError
+
+        raise ObjectNotFoundError(f"no backups of VM {vm!r} on {target or 'the local exports'}")
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        disks = ", ".join(
+            f"{d['name']} {d['kind']} {human(d['stored_bytes'])}"
+            + (f" on {d['parent']}" if d["parent"] else "")
+            for d in r["disks"]
+        )
+        click.echo(f"{r['export_id']}  {r['created'][:19]}  {r['kind']:<11}  {disks}")
+
+
+@click.command(
+    help="Restore a point of a VM (the newest by default): every link of its chain checked and "
+    "verified, then written as one image per disk into OUT (a directory becomes a local VM "
+    "directory the local source reads back), or as one image file for a one-disk VM."
+)
+@click.argument("vm", help="VM name")
+@click.argument("out", help="Output directory, or an image file for a one-disk VM")
+@click.option("--at", default="latest", show_default=True, help="Export id of the point")
+@target_opt
+@click.option("-O", "--format", "output_format", help="Image format (default: the chain's)")
+@click.option("--key-file", help="Key file of an encrypted chain")
+@click.option("--passphrase-file", help="Passphrase file of an encrypted chain")
+@click.option("--passphrase-env", help="Environment variable holding the passphrase")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar")
+@json_opt
+def restore(
+    vm: str,
+    out: str,
+    at: str,
+    target: str | None,
+    output_format: str | None,
+    key_file: str | None,
+    passphrase_file: str | None,
+    passphrase_env: str | None,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    from hypersdk.repository.restore import restore_point
+    from hypersdk.units import human
+
+    key = _key(key_file, passphrase_file, passphrase_env)
+    with _target(target) as t, progress_bar(not quiet and sys.stderr.isatty()) as bar:
+        manifest, restored = restore_point(
+            t, vm, at, out, output_format, key, progress=byte_counter(bar, "restore", None)
+        )
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "export_id": manifest.export_id,
+                    "disks": [
+                        {
+                            "name": r.name,
+                            "path": r.path,
+                            "format": r.format,
+                            "virtual_size": r.virtual_size,
+                            "chain": r.chain,
+                        }
+                        for r in restored
+                    ],
+                },
+                indent=2,
+            )
+        )
+        return
+    for r in restored:
+        click.echo(
+            f"{r.name}: {r.path} ({r.format}, {human(r.virtual_size)}) from point "
+            f"{manifest.export_id}, a chain of {len(r.chain)} object(s), verified, "
+            f"{r.seconds:.1f} s"
+        )
+
+
+def register(group: click.Group) -> None:
+    group.add_command(restore)
+    group.add_command(backups_app)
