@@ -33,8 +33,10 @@ class ExportRequest(BaseModel):
     def _known_writable_format(cls, value: str) -> str:
         try:
             return output_driver(value).name
-        except UnsupportedFormatError as exc:  # unknown, read-only, or not an output
+        except UnsupportedFormatError as exc:  # unknown
             raise ValueError(exc.problem) from None
+        except InvalidParameterError as exc:  # read-only, or not an output
+            raise ValueError(str(exc)) from None
 
     @field_validator("source", "target")
     @classmethod

@@ -14,7 +14,7 @@ import os
 import pkgutil
 from functools import cache
 
-from hypersdk.errors import FormatError, UnsupportedFormatError
+from hypersdk.errors import FormatError, InvalidParameterError, UnsupportedFormatError
 from hypersdk.formats.base import DiskImage, FormatDriver, Layout
 from hypersdk.io import FileRangeReader, RangeReader
 from hypersdk.references import ReferencePolicy, reference_policy
@@ -90,13 +90,12 @@ def output_driver(name: str) -> FormatDriver:
         known = ", ".join(output_formats())
         raise UnsupportedFormatError(None, f"unknown format {name!r} (known: {known})") from None
     if driver.kind == "delta":
-        raise UnsupportedFormatError(
-            None,
+        raise InvalidParameterError(
             f"format {name!r} is the backup repository's delta format, not an output format "
-            "(incrementals are written in it automatically)",
+            "(incrementals are written in it automatically)"
         )
     if not driver.can_write or driver.kind not in OUTPUT_KINDS:
-        raise UnsupportedFormatError(None, f"format {name!r} can be read but not written")
+        raise InvalidParameterError(f"format {name!r} can be read but cannot be written")
     return driver
 
 
