@@ -126,16 +126,22 @@ def test_bad_parameters_are_clear(prefect_api, vm_root, tmp_path):
     assert _flow_runs() == runs  # none of them created a flow run
 
 
-def test_failure_removes_snapshot_and_publishes_nothing(prefect_api, vm_root, tmp_path):
+def test_failure_removes_snapshot_and_publishes_nothing(
+    prefect_api, vm_root, tmp_path, monkeypatch
+):
     from flows.migrate import migrate_vm
+    from providers.targets.local import LocalTarget
 
+    def full_disk(self, key, expected_size=None):
+        raise TargetError(f"{self.location(key)}: No space left on device")
+
+    # The lock object is written, the snapshot taken; then the disk's upload fails.
+    monkeypatch.setattr(LocalTarget, "writer", full_disk)
     target = tmp_path / "exports"
-    target.mkdir()
-    (target / "app01").write_text("x")  # passes the pre-run check, fails the disk's upload
-    with pytest.raises(TargetError):
+    with pytest.raises(TargetError, match="No space left"):
         migrate_vm(source=str(vm_root), target=str(target), vm="app01")
     assert not _snapshots_left(vm_root)
-    assert (target / "app01").read_text() == "x"
+    assert [p for p in target.rglob("*") if p.is_file()] == []  # no manifest, no lock
 
 
 def test_manifest_detects_tampering(prefect_api, vm_root, tmp_path, qemu_img):

@@ -15,52 +15,15 @@ from pathlib import Path
 import pytest
 
 from hypersdk.errors import ObjectNotFoundError, VerificationError
-from hypersdk.imagegen import write_realistic_disk
-from providers.sources.local import create_vm
 from tests import qemu
+from tests.points import make_vm, run_chain
 
-MiB = 1024 * 1024
-SIZE = 20 * MiB + 12345  # odd-sized: the last block is partial
 HYPERCTL = str(Path(sys.executable).with_name("hyperctl"))
-
-
-def _change(disk: Path, step: int) -> None:
-    """Guest writes of several kinds: overwrite data, write into a zero area, zero a block,
-    touch the partial last block."""
-    with open(disk, "r+b") as f:
-        f.seek(step * 3 * MiB + 4096)
-        f.write(os.urandom(70_000))  # overwrite (crosses a 64 KiB block)
-        f.seek(SIZE - 1000)
-        f.write(bytes([step + 1]) * 1000)  # the odd last block
-        f.seek((step + 1) * MiB)
-        f.write(bytes(64 * 1024))  # a block zeroed
-        f.seek(19 * MiB + step * 65536)
-        f.write(b"\x5a" * 65536)  # data where there were zeros
 
 
 @pytest.fixture
 def vm(tmp_path):
-    root = tmp_path / "vms"
-    d = create_vm(root, "db01", {"disk0": SIZE})
-    write_realistic_disk(d / "disk0.img", SIZE, seed=77)
-    with open(d / "disk0.img", "r+b") as f:  # a zero area to write into later
-        f.seek(19 * MiB)
-        f.write(bytes(MiB))
-    return root, d / "disk0.img"
-
-
-def _run_chain(source: str, target: str, disk: Path, copies: Path, encryption=None) -> list:
-    from flows.backup import backup_vm
-
-    results = []
-    for step in range(4):
-        if step:
-            _change(disk, step)
-        r = backup_vm(vm="db01", source=source, target=target, encryption=encryption)
-        shutil.copyfile(disk, copies / f"{r.export_id}.raw")
-        results.append(r)
-    assert [r.kind for r in results] == ["full", "incremental", "incremental", "incremental"]
-    return results
+    return make_vm(tmp_path)
 
 
 def _restore_all(target_url: str, results: list, copies: Path, tmp_path: Path, key=None) -> None:
@@ -88,7 +51,7 @@ def test_chain_on_the_local_target(prefect_api, vm, tmp_path, encrypted, qemu_im
         generate_key_file(tmp_path / "k")
         key = KeySpec(method="keyfile", ref=str(tmp_path / "k"))
     target = f"file://{tmp_path / 'repo'}"
-    results = _run_chain(str(root), target, disk, copies, key.model_dump() if key else None)
+    results = run_chain(str(root), target, disk, copies, key.model_dump() if key else None)
     for r in results[1:]:  # deltas store only what changed
         assert r.disks[0].object_size < results[0].disks[0].object_size / 4
     _restore_all(target, results, copies, tmp_path, key)
@@ -112,7 +75,7 @@ def test_chain_on_s3_restores_through_ranged_reads(
         f"s3://{bucket}/backups?endpoint_url={moto_s3.endpoint_url}&region={moto_s3.region}"
         "&addressing_style=path"
     )
-    results = _run_chain(str(root), url, disk, copies, key.model_dump())
+    results = run_chain(str(root), url, disk, copies, key.model_dump())
     _restore_all(url, results, copies, tmp_path, key)
 
 
@@ -124,7 +87,7 @@ def test_broken_chains_are_named(prefect_api, vm, tmp_path, qemu_img):
     copies = tmp_path / "copies"
     copies.mkdir()
     repo = tmp_path / "repo"
-    results = _run_chain(str(root), f"file://{repo}", disk, copies)
+    results = run_chain(str(root), f"file://{repo}", disk, copies)
     full, d1, d2, d3 = (r.export_id for r in results)
     target = open_target(f"file://{repo}")
     out = tmp_path / "out.raw"
@@ -152,7 +115,7 @@ def test_cli_lists_and_restores_points(prefect_api, vm, tmp_path, qemu_img):
     copies = tmp_path / "copies"
     copies.mkdir()
     repo = f"file://{tmp_path / 'repo'}"
-    results = _run_chain(str(root), repo, disk, copies)
+    results = run_chain(str(root), repo, disk, copies)
     env = {**os.environ, "HYPERSDK_HOME": str(tmp_path / "home")}
 
     def hyperctl(*args):

@@ -85,21 +85,23 @@ def test_parallel_ranges_and_progress(vcsim):
     data = bytes(range(256)) * (6 * MiB // 256)  # shorter than the disk: the rest reads as zeros
     vcsim.flat_file(vm).write_bytes(data)
     done = []
-    with open_source(vcsim.source_url(), **vcsim.options(workers=4)) as src:
-        with src.snapshot(vm) as snap:
-            reader = src.open_disk(snap, snap.disks[0].disk, progress=done.append)
-            try:
-                assert reader.size == 8 * MiB and reader.file_size == 6 * MiB
-                assert reader.read(0, 4 * MiB) == data[: 4 * MiB]
-                assert reader.requests == 4  # one 4 MiB read -> 4 parallel ranged GETs
-                tail = reader.read(5 * MiB, 3 * MiB)
-                assert tail == data[5 * MiB :] + bytes(2 * MiB)
-                assert reader.bytes_fetched == 5 * MiB and sum(done) == 5 * MiB
-                assert reader.meter.rate > 0
-                with pytest.raises(ValueError):
-                    reader.read(8 * MiB - 1, 2)
-            finally:
-                reader.close()
+    with (
+        open_source(vcsim.source_url(), **vcsim.options(workers=4)) as src,
+        src.snapshot(vm) as snap,
+    ):
+        reader = src.open_disk(snap, snap.disks[0].disk, progress=done.append)
+        try:
+            assert reader.size == 8 * MiB and reader.file_size == 6 * MiB
+            assert reader.read(0, 4 * MiB) == data[: 4 * MiB]
+            assert reader.requests == 4  # one 4 MiB read -> 4 parallel ranged GETs
+            tail = reader.read(5 * MiB, 3 * MiB)
+            assert tail == data[5 * MiB :] + bytes(2 * MiB)
+            assert reader.bytes_fetched == 5 * MiB and sum(done) == 5 * MiB
+            assert reader.meter.rate > 0
+            with pytest.raises(ValueError):
+                reader.read(8 * MiB - 1, 2)
+        finally:
+            reader.close()
 
 
 class CuttingProxy:

@@ -143,6 +143,69 @@ def restore(
         )
 
 
+@click.command(
+    help="Forget points of a VM by a retention policy (restic's rules). A kept delta whose "
+    "parent goes is first rebased on a synthetic full built from the stored objects, so every "
+    "kept point stays restorable."
+)
+@click.argument("vm", help="VM name")
+@target_opt
+@click.option("--keep-last", type=int, help="Keep the N newest points")
+@click.option("--keep-hourly", type=int, help="Keep the newest point of each of N hours")
+@click.option("--keep-daily", type=int, help="Keep the newest point of each of N days")
+@click.option("--keep-weekly", type=int, help="Keep the newest point of each of N weeks")
+@click.option("--keep-monthly", type=int, help="Keep the newest point of each of N months")
+@click.option("--keep-yearly", type=int, help="Keep the newest point of each of N years")
+@click.option("--keep-within", help="Keep every point within this of the newest (e.g. 30d)")
+@click.option("--dry-run", is_flag=True, help="Only say what would go")
+@click.option("--key-file", help="Key file of an encrypted chain (to rebase deltas)")
+@click.option("--passphrase-file", help="Passphrase file of an encrypted chain")
+@click.option("--passphrase-env", help="Environment variable holding the passphrase")
+@json_opt
+def forget(
+    vm: str,
+    target: str | None,
+    dry_run: bool,
+    key_file: str | None,
+    passphrase_file: str | None,
+    passphrase_env: str | None,
+    as_json: bool,
+    **keep: int | str | None,
+) -> None:
+    from hypersdk.repository.forget import forget as forget_points
+    from hypersdk.repository.retention import RetentionPolicy
+
+    policy = RetentionPolicy.model_validate({k: v for k, v in keep.items() if v is not None})
+    key = _key(key_file, passphrase_file, passphrase_env)
+    say = (lambda _line: None) if as_json else click.echo
+    with _target(target) as t:
+        result = forget_points(t, vm, policy, key, dry_run=dry_run, say=say)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "keep": result.plan.keep_ids,
+                    "forget": result.plan.forget_ids,
+                    "rebase": list(result.chain.rebase),
+                    "reasons": {k: list(v) for k, v in result.plan.reasons().items()},
+                    "dry_run": dry_run,
+                    "steps": result.done,
+                },
+                indent=2,
+            )
+        )
+        return
+    for pid, why in result.plan.reasons().items():
+        click.echo(f"keep   {pid}  ({', '.join(why)})")
+    verb = "would forget" if dry_run else "forgot"
+    for pid in result.plan.forget_ids:
+        click.echo(f"{verb} {pid}")
+    if result.chain.rebase:
+        how = "would be" if dry_run else "were"
+        click.echo(f"rebased on synthetic fulls: {', '.join(result.chain.rebase)} ({how} deltas)")
+
+
 def register(group: click.Group) -> None:
     group.add_command(restore)
+    group.add_command(forget)
     group.add_command(backups_app)

@@ -149,8 +149,18 @@ class LocalTarget(Target):
                     )
 
     def delete(self, key: str) -> None:
+        """Remove the object, then the directories it leaves empty (an object store has no
+        directories: a forgotten export leaves nothing behind here either)."""
+        path = self.path(key)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path(key))
+            os.unlink(path)
+        parent = os.path.dirname(path)
+        while parent != self.root and parent.startswith(self.root + os.sep):
+            try:
+                os.rmdir(parent)  # only if empty
+            except OSError:
+                break
+            parent = os.path.dirname(parent)
 
 
 def _create_exclusive(path: str, data: bytes) -> bool:
