@@ -40,7 +40,7 @@ def change_disk(disk: Path, step: int) -> None:
     """Guest writes of several kinds: overwrite data, write into a zero area, zero a block,
     touch the partial last block."""
     with open(disk, "r+b") as f:
-        f.seek(step * 3 * MiB + 4096)
+        f.seek((step * 3 * MiB) % (18 * MiB) + 4096)
         f.write(os.urandom(70_000))  # overwrite (crosses a 64 KiB block)
         f.seek(SIZE - 1000)
         f.write(bytes([step + 1]) * 1000)  # the odd last block
@@ -65,15 +65,20 @@ def make_vm(tmp_path: Path) -> tuple[Path, Path]:
     return root, d / "disk0.img"
 
 
-def run_chain(source: str, target: str, disk: Path, copies: Path, encryption=None) -> list:
+def run_chain(
+    source: str, target: str, disk: Path, copies: Path, encryption=None, points: int = 4, first=0
+) -> list:
+    """``points`` backups of db01, the disk changed before each but the first (steps numbered
+    from ``first``), a copy of the disk kept per point in ``copies/<export id>.raw``."""
     from flows.backup import backup_vm
 
     results = []
-    for step in range(4):
+    for step in range(first, first + points):
         if step:
             change_disk(disk, step)
         r = backup_vm(vm="db01", source=source, target=target, encryption=encryption)
         shutil.copyfile(disk, copies / f"{r.export_id}.raw")
         results.append(r)
-    assert [r.kind for r in results] == ["full", "incremental", "incremental", "incremental"]
+    if first == 0:
+        assert [r.kind for r in results] == ["full"] + ["incremental"] * (points - 1)
     return results

@@ -39,46 +39,6 @@ def _restore_all(target_url: str, results: list, copies: Path, tmp_path: Path, k
             qemu.compare(copies / f"{r.export_id}.raw", out, "raw", "qcow2")
 
 
-@pytest.mark.parametrize("encrypted", [False, True])
-def test_chain_on_the_local_target(prefect_api, vm, tmp_path, encrypted, qemu_img):
-    from hypersdk.crypto.keys import KeySpec, generate_key_file
-
-    root, disk = vm
-    copies = tmp_path / "copies"
-    copies.mkdir()
-    key = None
-    if encrypted:
-        generate_key_file(tmp_path / "k")
-        key = KeySpec(method="keyfile", ref=str(tmp_path / "k"))
-    target = f"file://{tmp_path / 'repo'}"
-    results = run_chain(str(root), target, disk, copies, key.model_dump() if key else None)
-    for r in results[1:]:  # deltas store only what changed
-        assert r.disks[0].object_size < results[0].disks[0].object_size / 4
-    _restore_all(target, results, copies, tmp_path, key)
-
-
-def test_chain_on_s3_restores_through_ranged_reads(
-    prefect_api, moto_s3, vm, tmp_path, monkeypatch, qemu_img
-):
-    from hypersdk.crypto.keys import KeySpec, generate_key_file
-    from tests.fixtures.moto_server import ACCESS_KEY, SECRET_KEY
-
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-    root, disk = vm
-    copies = tmp_path / "copies"
-    copies.mkdir()
-    generate_key_file(tmp_path / "k")
-    key = KeySpec(method="keyfile", ref=str(tmp_path / "k"))
-    bucket = moto_s3.new_bucket()
-    url = (
-        f"s3://{bucket}/backups?endpoint_url={moto_s3.endpoint_url}&region={moto_s3.region}"
-        "&addressing_style=path"
-    )
-    results = run_chain(str(root), url, disk, copies, key.model_dump())
-    _restore_all(url, results, copies, tmp_path, key)
-
-
 def test_broken_chains_are_named(prefect_api, vm, tmp_path, qemu_img):
     from hypersdk.repository.restore import restore_disk
     from providers import open_target
