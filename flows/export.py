@@ -25,6 +25,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.callables import get_call_parameters
 
 from flows.logs import route_engine_logs
+from flows.repo_slot import repository_slot
 from hypersdk.formats import extension_for, get_driver
 from hypersdk.manifest import DiskManifest, ExportManifest, ParentLink
 from hypersdk.repository import (
@@ -34,6 +35,7 @@ from hypersdk.repository import (
     package_key,
     vm_prefix,
 )
+from hypersdk.repository.cleanup import clean_abandoned
 from hypersdk.repository.locks import RepositoryLock, default_owner
 from hypersdk.requests import ExportRequest, validate_request
 from hypersdk.summary import DiskResult, MigrationResult, render_markdown
@@ -269,17 +271,25 @@ def run_export(req: ExportRequest) -> MigrationResult:
     # must not interleave with another's (a lock object on the target, docs/repository.md)
     with (
         open_target(req.target) as lock_target,
+        # a second run of this VM into this repository waits here, in Prefect (flows/repo_slot)
+        repository_slot(lock_target, vm_name) as slot_lease,
         RepositoryLock(
             lock_target,
             vm_prefix(vm_name),
-            default_owner("export", str(flow_run_id) if flow_run_id else None),
+            # the slot's lease: a run finding this lock's holder dead frees its slot with it
+            default_owner("export", str(flow_run_id) if flow_run_id else None)
+            | {"slot_lease": slot_lease},
             wait=LOCK_WAIT,
         ) as lock,
     ):
         if lock.took_over is not None:
             logger.warning(
-                "took over a stale repository lock (%s)", lock.took_over.describe(time.time())
+                "took over the repository lock of %s (%s)",
+                lock.took_over.describe(time.time()),
+                lock.takeover_reason,
             )
+        # what killed runs left (unfinished uploads, objects no manifest names) goes first
+        clean_abandoned(lock_target, vm_name, lock, say=logger.info)
         manifest, disks, results, location = _locked_export(req, vm_name, started)
     if req.verify:
         checked = verify(req.target, manifest_key(vm_name, manifest.export_id), req.encryption)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from hypersdk.atomic import atomic_file, check_cache_mode
@@ -118,10 +118,13 @@ def convert_image(
     progress: Progress | None = None,
     scan_progress: Progress | None = None,
     cache: str = "writeback",
+    before_publish: Callable[[], None] | None = None,
 ) -> ConvertResult:
     """Convert an opened image to a local file, atomically (temp name, fsync, rename).
 
-    ``cache`` is the output's cache mode (hypersdk.atomic: writeback, none, unsafe)."""
+    ``cache`` is the output's cache mode (hypersdk.atomic: writeback, none, unsafe).
+    ``before_publish`` runs once every byte is written, before the output takes its name: if
+    it raises, nothing is published (a check that ran beside the conversion)."""
     started = time.perf_counter()
     check_cache_mode(cache)
     dst = os.fspath(dst)
@@ -133,6 +136,8 @@ def convert_image(
     with atomic_file(dst, cache) as sink:
         emit(driver, image, layout, sink, progress)
         size = sink.tell()
+        if before_publish is not None:
+            before_publish()
     extra = []
     for suffix, data in layout.extra_files.items():
         side = (

@@ -93,6 +93,45 @@ def render_text(r: MigrationResult) -> str:
     return "\n".join(lines)
 
 
+def render_json(r: MigrationResult) -> dict:
+    """The run as one JSON object for scripts (``hyperctl backup|migrate --json``): what was
+    exported where, the manifest's key on the target, each disk's sizes, the wall time."""
+    from hypersdk.repository import manifest_key
+
+    return {
+        "export_id": r.export_id,
+        "vm": r.vm,
+        "kind": r.kind,
+        "source": r.source,
+        "target": r.target,
+        "manifest_key": manifest_key(r.vm, r.export_id),
+        "manifest": r.manifest,
+        "encrypted": r.encrypted,
+        "verified": r.verified,
+        "duration_seconds": round(r.seconds, 3),
+        "disks": [
+            {
+                "name": d.name,
+                "kind": "delta" if d.incremental else "full",
+                "key": d.key,
+                "location": d.location,
+                "format": d.format,
+                "virtual_size": d.virtual_size,
+                "read_bytes": d.data_bytes,
+                "stored_bytes": d.object_size,
+                "skipped_bytes": d.skipped_bytes,
+                "parent_key": d.base_key,
+                "note": d.note,
+            }
+            for d in r.disks
+        ],
+        "read_bytes": r.read_bytes,
+        "stored_bytes": r.written_bytes,
+        "flow_run_id": r.flow_run_id,
+        "ui_url": r.ui_url,
+    }
+
+
 def render_markdown(r: MigrationResult) -> str:
     rows = "\n".join(
         f"| {d.name} | `{d.location}` | {d.format} | {'delta' if d.incremental else 'full'} | "

@@ -41,6 +41,25 @@ def _object_hash(reader) -> str:
     return h.hexdigest()
 
 
+def stored_object_problem(target, disk) -> str | None:
+    """One line naming what differs between ``disk``'s stored object and its manifest entry
+    (size, then BLAKE3 of the stored bytes: ciphertext for an encrypted object), or None.
+    One sequential pass of large reads, nothing cached: the object's bytes being exactly those
+    written proves every chunk hash its manifest holds (checked when it was written)."""
+    reader = target.open_reader(disk.key)
+    try:
+        if reader.size != disk.object_size:
+            return (
+                f"{disk.key}: the stored object is {reader.size} bytes, its manifest says "
+                f"{disk.object_size}: it changed since it was written"
+            )
+        if _object_hash(reader) != disk.object_blake3:
+            return f"{disk.key}: stored object hash differs from its manifest: it changed since it was written"
+    finally:
+        reader.close()
+    return None
+
+
 def _decrypting(disk, reader, encryption):
     """(plaintext reader, True), or (reader, False) where only the stored bytes can be checked:
     a GPG object has no random access, so its contents are checked by restoring it."""

@@ -10,6 +10,7 @@ import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import ClassVar, Protocol
 
 from hypersdk.errors import VMNotFoundError
@@ -141,6 +142,18 @@ class ObjectWriter(Sink, ABC):
         """Discard everything written (and any pending multipart upload)."""
 
 
+@dataclass(frozen=True)
+class PendingUpload:
+    """An upload a writer began and neither committed nor aborted (its run was killed): no
+    object is visible under ``key``, yet what was sent stays on the target, and cloud stores
+    bill it. ``Target.pending_uploads`` finds them, ``Target.abort_upload`` removes one."""
+
+    key: str  # the object it would have become (relative to the target; best known)
+    upload_id: str  # what tells it apart on the target (S3 upload id, temp file key...)
+    started: datetime | None = None
+    size: int | None = None  # bytes it holds, when the target says
+
+
 class Target(ABC):
     """A storage target: local directory, S3, Azure Blob, GCS..."""
 
@@ -213,6 +226,20 @@ class Target(ABC):
             return r.read(0, r.size)
         finally:
             r.close()
+
+    def pending_uploads(self, prefix: str = "") -> list[PendingUpload]:
+        """The uploads under ``prefix`` that were begun and never committed nor aborted (see
+        PendingUpload). Each target says what its writers leave behind when killed: S3
+        multipart uploads, Azure uncommitted blobs, local temporary files; a target whose
+        unfinished writes leave nothing it can find returns [] and says why. Callers must
+        hold whatever keeps live writers away (the repository lock): a write in progress is
+        listed too. NotImplementedError from a target that cannot tell."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list unfinished uploads")
+
+    def abort_upload(self, upload: PendingUpload) -> None:
+        """Discard ``upload`` (from ``pending_uploads``) and what it holds. Never touches a
+        committed object, even one under the same key; an upload already gone is no error."""
+        raise NotImplementedError(f"{type(self).__name__} cannot abort unfinished uploads")
 
     def preflight(self) -> None:
         """Check, without side effects, that the target can take objects (before any run):

@@ -1,11 +1,17 @@
-"""prefect.yaml deployments on a real Prefect server, run by a real process worker."""
+"""prefect.yaml deployments on a real Prefect server, run by a real process worker: each one
+registered with its schedule, the retention deployment's trigger stored as an automation and
+firing when a nightly backup completes."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import yaml
 
 from hypersdk.imagegen import write_realistic_disk
@@ -25,10 +31,45 @@ def test_prefect_yaml_declares_the_deployments():
     assert nightly["entrypoint"] == "flows/backup.py:backup_vm"
     assert nightly["schedules"][0]["cron"] == "0 2 * * *"
     assert by_name["on-demand"]["entrypoint"] == "flows/migrate.py:migrate_vm"
+    forget = by_name["forget"]
+    assert forget["entrypoint"] == "flows/forget.py:forget_backups"
+    assert forget["parameters"] == {
+        "vm": "demo-vm",
+        "keep_daily": 7,
+        "keep_weekly": 4,
+        "keep_monthly": 6,
+    }
+    assert "schedules" not in forget  # it follows the nightly backup instead
+    [trigger] = forget["triggers"]
+    assert trigger["expect"] == ["prefect.flow-run.Completed"]
+    assert by_name["verify"]["entrypoint"] == "flows/verify.py:verify_backups"
+    assert by_name["verify"]["parameters"] == {"vm": "demo-vm", "at": "all"}
+    assert by_name["restore"]["entrypoint"] == "flows/restore.py:restore_vm"
+    assert "schedules" not in by_name["restore"]
     for d in by_name.values():
         assert d["work_pool"]["name"] == "hypersdk-local"
         step = d["pull"][0]["prefect.deployments.steps.set_working_directory"]
         assert step["directory"] == "{{ $HYPERSDK_CHECKOUT }}"
+
+
+def test_every_entrypoint_loads_with_its_parameters():
+    """Each deployment's flow loads, its parameters are ones the flow takes, and those of the
+    deployments that run unattended (schedule, trigger) are complete and valid."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    for d in spec["deployments"]:
+        flow = load_flow_from_entrypoint(str(ROOT / d["entrypoint"]))
+        schema = flow.parameters.model_dump()
+        given = d.get("parameters", {})
+        assert set(given) <= set(schema["properties"]), (d["name"], sorted(schema["properties"]))
+        if set(schema.get("required", [])) <= set(given):  # scheduled or triggered: complete
+            flow.validate_parameters(given)
+    forget = next(d for d in spec["deployments"] if d["name"] == "forget")
+    from flows.forget import check_forget
+
+    policy = check_forget(forget["parameters"]).policy
+    assert policy.describe() == "keep 7 daily, 4 weekly, 6 monthly snapshots"
 
 
 def _prefect(env, *args, timeout=300):
@@ -36,6 +77,81 @@ def _prefect(env, *args, timeout=300):
     return subprocess.run(
         [str(exe), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
+
+
+@contextlib.contextmanager
+def _client(api: str):
+    """A Prefect client of the server at ``api`` (whatever API the test session uses)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        yield client
+
+
+def _schedules(deployment) -> list[tuple]:
+    return [(s.schedule.cron, s.schedule.timezone, s.active) for s in deployment.schedules]
+
+
+def _assert_registered(api: str) -> None:
+    """Every deployment of prefect.yaml is on the server with its schedule, and the forget
+    deployment's trigger is an automation that runs it when a nightly run completes."""
+    with _client(api) as client:
+        by_name = {
+            name: client.read_deployment_by_name(name)
+            for name in (
+                "backup-vm/nightly",
+                "migrate-vm/on-demand",
+                "forget-backups/forget",
+                "verify-backups/verify",
+                "restore-vm/restore",
+            )
+        }
+        forget = by_name["forget-backups/forget"]
+        automations = client.read_resource_related_automations(f"prefect.deployment.{forget.id}")
+    assert _schedules(by_name["backup-vm/nightly"]) == [("0 2 * * *", "UTC", True)]
+    assert _schedules(by_name["verify-backups/verify"]) == [("0 4 * * 0", "UTC", True)]
+    for name in ("forget-backups/forget", "restore-vm/restore", "migrate-vm/on-demand"):
+        assert _schedules(by_name[name]) == [], name
+    assert forget.parameters == {
+        "vm": "demo-vm",
+        "keep_daily": 7,
+        "keep_weekly": 4,
+        "keep_monthly": 6,
+    }
+    assert by_name["verify-backups/verify"].parameters == {"vm": "demo-vm", "at": "all"}
+    [automation] = automations
+    assert automation.name == "forget-after-nightly" and automation.enabled
+    trigger = automation.trigger
+    assert trigger.type == "event" and trigger.posture == "Reactive" and trigger.threshold == 1
+    assert trigger.expect == {"prefect.flow-run.Completed"}
+    related = [dict(spec.root) for spec in trigger.match_related]
+    assert {"prefect.resource.role": "deployment", "prefect.resource.name": "nightly"} in related
+    assert {"prefect.resource.role": "flow", "prefect.resource.name": "backup-vm"} in related
+    [action] = automation.actions
+    assert action.type == "run-deployment" and action.deployment_id == forget.id
+
+
+def _flow_runs(api: str, flow_name: str) -> list[dict]:
+    return _post(api, "/flow_runs/filter", {"flows": {"name": {"any_": [flow_name]}}})
+
+
+def _post(api: str, path: str, body: dict) -> list[dict]:
+    res = httpx.post(f"{api}{path}", json=body, timeout=30)
+    res.raise_for_status()
+    return res.json()
+
+
+def _wait_for_completed_run(api: str, flow_name: str, timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = _flow_runs(api, flow_name)
+        done = [r for r in runs if r["state_type"] == "COMPLETED"]
+        if done:
+            return done[0]
+        assert time.monotonic() < deadline, runs
+        assert not any(r["state_type"] in ("FAILED", "CRASHED") for r in runs), runs
+        time.sleep(1)
 
 
 def test_deploy_run_with_worker(prefect_server, tmp_path, qemu_img):
@@ -56,6 +172,10 @@ def test_deploy_run_with_worker(prefect_server, tmp_path, qemu_img):
     assert boot.returncode == 0, boot.stdout + boot.stderr
     listed = _prefect(env, "deployment", "ls")
     assert "migrate-vm/on-demand" in listed.stdout and "backup-vm/nightly" in listed.stdout
+    _assert_registered(api)
+    # the nightly backup's VM (prefect.yaml: demo-vm), which the triggered forget then prunes
+    demo = create_vm(home / "vms", "demo-vm", {"disk0": 4 * MiB})
+    write_realistic_disk(demo / "disk0.img", 4 * MiB, seed=22)
 
     worker_log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115
     worker = subprocess.Popen(
@@ -96,6 +216,36 @@ def test_deploy_run_with_worker(prefect_server, tmp_path, qemu_img):
         assert "COMPLETED" in (run.stdout + run.stderr).upper()
         # a worker's run tells the same story in the UI as a CLI run
         assert_tells_the_story(api, latest_flow_run(api, "migrate-vm"))
+
+        # a completed nightly backup triggers the forget deployment (and only it does: the
+        # on-demand migration above triggered nothing)
+        nightly = _prefect(
+            env,
+            "deployment",
+            "run",
+            "backup-vm/nightly",
+            "--watch",
+            "--watch-timeout",
+            "240",
+            timeout=300,
+        )
+        log = (tmp_path / "worker.log").read_text(errors="replace")
+        assert nightly.returncode == 0, nightly.stdout + nightly.stderr + log[-3000:]
+        forget_run = _wait_for_completed_run(api, "forget-backups")
+        assert len(_flow_runs(api, "forget-backups")) == 1
+        assert forget_run["parameters"]["keep_daily"] == 7
+        assert forget_run["created_by"]["type"] == "AUTOMATION", forget_run["created_by"]
+        [table] = [
+            a
+            for a in _post(
+                api,
+                "/artifacts/filter",
+                {"artifacts": {"flow_run_id": {"any_": [forget_run["id"]]}}},
+            )
+            if a["type"] == "table"
+        ]
+        [row] = json.loads(table["data"])  # the nightly's point, kept
+        assert row["decision"] == "kept" and "daily snapshot" in row["reasons"], row
     finally:
         stop(worker)
         worker_log.close()

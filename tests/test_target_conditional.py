@@ -301,7 +301,7 @@ def test_killed_holder_leaves_a_lock_that_goes_stale_and_is_taken_over(lock_targ
     assert stored["owner"]["pid"] == child.pid  # the dead run's lock is still there
     lock = _lock(lock_target, "backup", stale_after=1.0)
     start = time.monotonic()
-    lock.acquire(wait=10)  # waits until the dead holder's lock is stale, then takes it
-    assert 0.5 < time.monotonic() - start < 8
+    lock.acquire(wait=10)  # a holder on this host provably dead: taken over at once
+    assert time.monotonic() - start < 8 and lock.takeover_reason.startswith("dead holder")
     assert lock.took_over.owner["pid"] == child.pid
     lock.release()

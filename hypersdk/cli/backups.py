@@ -1,9 +1,11 @@
-"""``hyperctl backups list`` and ``hyperctl restore``: the points of a VM's backup repository, and
-any of them back as image files or a local VM directory (hypersdk.repository)."""
+"""``hyperctl backups list``, ``hyperctl restore`` and ``hyperctl verify``: the points of a VM's
+backup repository, any of them back as image files or a local VM directory, and every one of
+them checked (hypersdk.repository)."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -26,10 +28,19 @@ def _key(key_file: str | None, passphrase_file: str | None, passphrase_env: str 
 
 
 def _target(url: str | None):
+    """The repository's target. A local directory named by ``-t`` must exist: a mistyped path
+    is not an empty repository (and a read creates nothing)."""
     from hypersdk import config
     from providers import open_target
+    from providers.targets.local import LocalTarget
 
-    return open_target(url or config.default_target_url())
+    target = open_target(url or config.default_target_url())
+    if url and isinstance(target, LocalTarget) and not os.path.isdir(target.root):
+        from hypersdk.errors import ObjectNotFoundError
+
+        target.close()
+        raise ObjectNotFoundError(f"{target.url}: no such directory (no backup repository there)")
+    return target
 
 
 @backups_app.command("list", help="List a VM's points, oldest first: kind, disks, chain.")
@@ -83,7 +94,8 @@ def backups_list(vm: str, target: str | None, as_json: bool) -> None:
 @click.command(
     help="Restore a point of a VM (the newest by default): every link of its chain checked and "
     "verified, then written as one image per disk into OUT (a directory becomes a local VM "
-    "directory the local source reads back), or as one image file for a one-disk VM."
+    "directory the local source reads back), or as one image file for a one-disk VM. OUT's "
+    "parent directory must exist; a failed restore leaves nothing under OUT."
 )
 @click.argument("vm", help="VM name")
 @click.argument("out", help="Output directory, or an image file for a one-disk VM")
@@ -205,7 +217,70 @@ def forget(
         click.echo(f"rebased on synthetic fulls: {', '.join(result.chain.rebase)} ({how} deltas)")
 
 
+@click.command(
+    help="Verify a VM's backup points: every manifest, every parent link, every stored object "
+    "of every chain re-read (object hash and every chunk hash; each object once). One line per "
+    "point; exit 1 when any point is bad. The newest point (with its whole chain) unless --all "
+    "or --at. VM/EXPORT_ID/manifest.json instead of a VM verifies that one export."
+)
+@click.argument("vm", help="VM name (or the key of one export's manifest)")
+@target_opt
+@click.option("--all", "every", is_flag=True, help="Every point, oldest first")
+@click.option("--at", help="Export id of the point  [default: latest]")
+@click.option("--key-file", help="Key file of an encrypted repository")
+@click.option("--passphrase-file", help="Passphrase file of an encrypted repository")
+@click.option("--passphrase-env", help="Environment variable holding the passphrase")
+@json_opt
+def verify(
+    vm: str,
+    target: str | None,
+    every: bool,
+    at: str | None,
+    key_file: str | None,
+    passphrase_file: str | None,
+    passphrase_env: str | None,
+    as_json: bool,
+) -> None:
+    from hypersdk.errors import InvalidParameterError
+
+    if every and at:
+        raise InvalidParameterError("give --all or --at, not both")
+    key = _key(key_file, passphrase_file, passphrase_env)
+    if vm.endswith("manifest.json"):  # the older form: one export, by its manifest's key
+        if every or at:
+            raise InvalidParameterError(f"{vm} names one export: --all and --at do not apply")
+        _verify_one_export(vm, target, key, as_json)
+        return
+    from hypersdk.repository.verify import verify_backups
+
+    with _target(target) as t:
+        verdicts = verify_backups(t, vm, "all" if every else at or "latest", key)
+    if as_json:
+        click.echo(json.dumps([v.to_dict() for v in verdicts], indent=2))
+    else:
+        for v in verdicts:
+            click.echo(f"{v.export_id}  {v.kind or '?':<5}  {v.summary()}")
+    if not all(v.ok for v in verdicts):
+        raise SystemExit(1)
+
+
+def _verify_one_export(manifest: str, target: str | None, key, as_json: bool) -> None:
+    from hypersdk.verify import verify_export
+
+    with _target(target) as t:
+        verdicts = verify_export(t, manifest, key)
+    if as_json:
+        rows = [
+            {"name": v.name, "key": v.key, "ok": v.ok, "chunks": v.chunks_checked} for v in verdicts
+        ]
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for v in verdicts:
+        click.echo(f"{v.key}: OK ({v.chunks_checked} chunks)")
+
+
 def register(group: click.Group) -> None:
     group.add_command(restore)
+    group.add_command(verify)
     group.add_command(forget)
     group.add_command(backups_app)

@@ -69,6 +69,7 @@ def progress_bar(enabled: bool = True) -> Iterator[Any]:
     if not enabled:
         yield None
         return
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -85,6 +86,7 @@ def progress_bar(enabled: bool = True) -> Iterator[Any]:
         TransferSpeedColumn(),
         TimeRemainingColumn(),
         transient=False,
+        console=Console(stderr=True),  # stdout carries only results (--json)
     )
     with bar:
         yield bar

@@ -1,6 +1,6 @@
-"""Run commands: ``hyperctl migrate``, ``hyperctl backup``, ``hyperctl demo``, ``hyperctl verify``,
-``hyperctl vms list``. These run the Prefect flows in-process (ephemeral API unless
-PREFECT_API_URL points at a server)."""
+"""Run commands: ``hyperctl migrate``, ``hyperctl backup``, ``hyperctl demo``, ``hyperctl vms
+list``. These run the Prefect flows in-process (ephemeral API unless PREFECT_API_URL points at
+a server). (``hyperctl verify`` lives with the repository's commands, in backups.py.)"""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ key_file_opt = click.option("--key-file", help="Encrypt with a 32-byte key file"
 pass_file_opt = click.option("--passphrase-file", help="Encrypt with the passphrase in this file")
 pass_env_opt = click.option("--passphrase-env", help="Encrypt with the passphrase in this env var")
 gpg_opt = click.option("--gpg-recipient", help="Encrypt with GPG to this recipient")
+json_opt = click.option(
+    "--json", "as_json", is_flag=True, help="One JSON object on stdout, no progress bars"
+)
 
 
 def encryption_ref(
@@ -62,7 +65,14 @@ def live_progress(enabled: bool) -> Iterator[None]:
             unsubscribe()
 
 
-def _show(result: MigrationResult) -> None:
+def _show(result: MigrationResult, as_json: bool = False) -> None:
+    if as_json:  # for scripts: the run as one JSON object, nothing else on stdout
+        import json
+
+        from hypersdk.summary import render_json
+
+        click.echo(json.dumps(render_json(result), indent=2, ensure_ascii=False))
+        return
     from hypersdk.summary import render_text
 
     click.echo(render_text(result))
@@ -80,7 +90,7 @@ def _missing_vm(source: str | None) -> None:
     raise InvalidParameterError(f"name the VM to export (the source holds: {held})")
 
 
-def run_flow(flow_name: str, params: dict[str, Any]) -> MigrationResult:
+def run_flow(flow_name: str, params: dict[str, Any], progress: bool = True) -> MigrationResult:
     """Check everything a run can check without side effects, in this process and before
     Prefect loads (a mistake answers in well under a second and creates no flow run), then
     run the flow against the local Prefect API."""
@@ -100,7 +110,7 @@ def run_flow(flow_name: str, params: dict[str, Any]) -> MigrationResult:
     else:
         from flows.migrate import migrate_vm as flow
     with (
-        live_progress(sys.stderr.isatty()),
+        live_progress(progress and sys.stderr.isatty()),
         # Heartbeats let a server automation mark a vanished run as crashed; none is set up
         # for runs made in this process, and Prefect's heartbeat thread holds the exit for up
         # to a second (it sleeps in 1 s steps): a quarter of a short run.
@@ -143,6 +153,7 @@ def _warnings_to_stderr() -> None:
 @pass_file_opt
 @pass_env_opt
 @gpg_opt
+@json_opt
 def migrate(
     vm: str | None,
     source: str | None,
@@ -155,6 +166,7 @@ def migrate(
     passphrase_file: str | None,
     passphrase_env: str | None,
     gpg_recipient: str | None,
+    as_json: bool,
 ) -> None:
     params = dict(
         source=source,
@@ -166,7 +178,7 @@ def migrate(
         encryption=encryption_ref(key_file, passphrase_file, passphrase_env, gpg_recipient),
         verify=not no_verify,
     )
-    _show(run_flow("migrate-vm", params))
+    _show(run_flow("migrate-vm", params, progress=not as_json), as_json)
 
 
 @click.command(help="Incremental backup (what the nightly deployment runs).")
@@ -178,6 +190,7 @@ def migrate(
 @pass_file_opt
 @pass_env_opt
 @gpg_opt
+@json_opt
 def backup(
     vm: str | None,
     source: str | None,
@@ -187,6 +200,7 @@ def backup(
     passphrase_file: str | None,
     passphrase_env: str | None,
     gpg_recipient: str | None,
+    as_json: bool,
 ) -> None:
     params = dict(
         vm=vm,
@@ -195,7 +209,7 @@ def backup(
         full_every=full_every,
         encryption=encryption_ref(key_file, passphrase_file, passphrase_env, gpg_recipient),
     )
-    _show(run_flow("backup-vm", params))
+    _show(run_flow("backup-vm", params, progress=not as_json), as_json)
 
 
 @click.command(
@@ -224,34 +238,6 @@ def demo(ctx: click.Context, target: str | None, output_format: str) -> None:
         target=target or config.default_target_url(),
         output_format=output_format,
     )
-
-
-@click.command(help="Re-read an export and check every hash in its manifest.")
-@click.argument("manifest", help="Manifest key on the target, e.g. VM/EXPORT_ID/manifest.json")
-@target_opt
-@key_file_opt
-@pass_file_opt
-@pass_env_opt
-def verify(
-    manifest: str,
-    target: str | None,
-    key_file: str | None,
-    passphrase_file: str | None,
-    passphrase_env: str | None,
-) -> None:
-    from hypersdk import config
-    from hypersdk.verify import verify_export
-    from providers import open_target
-
-    enc = encryption_ref(key_file, passphrase_file, passphrase_env, None)
-    if enc is not None:
-        from hypersdk.crypto import KeySpec
-
-        enc = KeySpec.model_validate(enc)
-    with open_target(target or config.default_target_url()) as t:
-        verdicts = verify_export(t, manifest, enc)
-    for v in verdicts:
-        click.echo(f"{v.key}: OK ({v.chunks_checked} chunks)")
 
 
 @vms_app.command("list", help="List the VMs of a source.")
@@ -287,6 +273,6 @@ def vms_list(source: str | None, as_json: bool) -> None:
 
 
 def register(group: click.Group) -> None:
-    for cmd in (migrate, backup, demo, verify):
+    for cmd in (migrate, backup, demo):
         group.add_command(cmd)
     group.add_command(vms_app)

@@ -25,6 +25,13 @@ def _export(info: ApiInfo) -> ApiInfo:
         raw = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "")
         if not raw.isdigit() or int(raw) < EPHEMERAL_TIMEOUT:
             os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = str(EPHEMERAL_TIMEOUT)
+        # each process has its own temporary server: concurrency leases kept in its memory die
+        # with it, a killed run's slot with them; in files under PREFECT_HOME (shared like the
+        # database) the next run finds and frees it (flows/repo_slot.py)
+        os.environ.setdefault(
+            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE",
+            "prefect.server.concurrency.lease_storage.filesystem",
+        )
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     if "prefect.context" in sys.modules:  # Prefect caches its settings at import

@@ -124,6 +124,12 @@ def _launch(port: int, say: Echo, timeout: float) -> ApiInfo:
         PREFECT_SERVER_UI_API_URL=url,  # else the UI calls the default port
         COLUMNS="200",  # its one-line errors stay one line in the log
     )
+    # slot leases in files under PREFECT_HOME, beside the database: a restarted server still
+    # knows the leases of the runs it had (Prefect keeps them in memory by default)
+    env.setdefault(
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE",
+        "prefect.server.concurrency.lease_storage.filesystem",
+    )
     if env.get("PREFECT_LOGGING_LEVEL", "").upper() in ("", "CRITICAL", "ERROR"):
         env["PREFECT_LOGGING_LEVEL"] = "WARNING"  # the CLI's terminal default is not the log's
     argv = [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port)]

@@ -21,6 +21,7 @@ from hypersdk.formats import extension_for
 from hypersdk.manifest import DiskManifest, ExportManifest, ObjectRef
 from hypersdk.pipeline import export_stream
 from hypersdk.repository.chain import load_chain, open_point, point_manifest
+from hypersdk.repository.cleanup import clean_abandoned
 from hypersdk.repository.layout import disk_key, export_prefix, manifest_key, vm_prefix
 from hypersdk.repository.locks import RepositoryLock, default_owner
 from hypersdk.repository.restore import points
@@ -64,9 +65,11 @@ def forget(
     now: datetime | None = None,
     say: Callable[[str], None] = log.info,
     lock_wait: float = 300.0,
+    owner: dict | None = None,
 ) -> ForgetResult:
     """Plan, and unless ``dry_run`` carry out, the forgetting of ``vm``'s points by ``policy``,
-    holding the VM's repository lock while objects change."""
+    holding the VM's repository lock while objects change. ``owner``: the lock's owner record
+    (``default_owner("forget")`` when None; a flow adds its run id and slot lease)."""
     manifests = {pid: point_manifest(target, vm, pid) for pid in points(target, vm)}
     if not manifests:
         raise VerificationError(f"no backups of VM {vm!r} on {target.url}")
@@ -75,7 +78,9 @@ def forget(
     result = ForgetResult(retention, chain, dry_run)
     if dry_run:
         return result
-    with RepositoryLock(target, vm_prefix(vm), default_owner("forget"), wait=lock_wait):
+    who = owner or default_owner("forget")
+    with RepositoryLock(target, vm_prefix(vm), who, wait=lock_wait) as lock:
+        clean_abandoned(target, vm, lock, say=say)  # what killed runs left, first
         _carry_out(target, vm, chain, manifests, encryption, say, result)
     return result
 

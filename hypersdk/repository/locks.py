@@ -4,20 +4,24 @@ The lock is the object ``<vm prefix>lock.json``, created with ``Target.put_if_ab
 on every target: of racing creators exactly one wins). It holds::
 
     {"schema": "hypersdk.lock/v1", "token": <random hex, the holder's identity>,
-     "owner": {"host", "pid", "flow_run_id", "purpose"},
+     "owner": {"host", "pid", "started", "boot_id", "pid_ns", "flow_run_id", "purpose"},
      "created": <ISO 8601 UTC>, "refreshed": <ISO 8601 UTC>}
 
 The holder rewrites ``refreshed`` while it works (``refresh``; the context manager does it in a
 thread every ``stale_after / 3``). A lock not refreshed for ``stale_after`` seconds (15 minutes)
-belongs to a run that died: the next run takes it over, and says so in the log.
+belongs to a run that died: the next run takes it over, and says so in the log. A holder on this
+host that is provably dead (its pid gone, a zombie, or reused by another process: see
+hypersdk.repository.liveness for what proves it) is taken over at once, by the same protocol, with
+a warning naming it: a killed backup does not hold its VM for 15 minutes.
 
 Taking over: the taker first creates ``<lock>.takeover-<stale token>`` with put_if_absent, so
 of several runs waiting on the same dead holder only one goes on; it reads the lock again (still
-that token, still stale), deletes it, creates its own and removes the marker. Targets have no
-conditional delete, so two windows remain, both a few milliseconds wide and both needing a
-holder that already stalled for ``stale_after``: a stalled holder whose refresh (read, compare,
-write) lands between a taker's delete and create overwrites the taker's lock, and one whose
-release (read, compare, delete) lands there deletes it. Either way the next refresh of the run
+that token, still stale or dead), deletes it, creates its own and removes the marker. A marker
+left by a taker that died is removed once it is stale, or at once when its taker is provably
+dead. Targets have no conditional delete, so two windows remain, both a few milliseconds wide
+and both needing a holder that already stalled for ``stale_after``: a stalled holder whose
+refresh (read, compare, write) lands between a taker's delete and create overwrites the taker's
+lock, and one whose release (read, compare, delete) lands there deletes it. Either way the next refresh of the run
 that lost the lock raises RepositoryLockedError instead of going on unnoticed.
 
 The lock object comes from the target, which anyone with write access can fill: it is read
@@ -42,6 +46,7 @@ from typing import Any
 
 from hypersdk.errors import ObjectNotFoundError, RepositoryLockedError
 from hypersdk.references import printable
+from hypersdk.repository.liveness import dead_holder, identity
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,7 @@ def default_owner(purpose: str, flow_run_id: str | None = None) -> dict[str, Any
     return {
         "host": socket.gethostname(),
         "pid": os.getpid(),
+        **identity(),  # started, boot_id, pid_ns: what proves this process dead later
         "flow_run_id": flow_run_id,
         "purpose": purpose,
     }
@@ -123,6 +129,7 @@ class RepositoryLock:
     poll: float = 2.0
     refresh_every: float | None = None
     took_over: LockRecord | None = field(default=None, init=False)  # the dead holder we replaced
+    takeover_reason: str | None = field(default=None, init=False)  # why it counted as dead
     lost: RepositoryLockedError | None = field(default=None, init=False)  # background refresh
 
     def __post_init__(self) -> None:
@@ -137,8 +144,8 @@ class RepositoryLock:
     # --- public ---------------------------------------------------------------------------
     def acquire(self, wait: float = 0.0) -> None:
         """Take the lock, waiting up to ``wait`` seconds for its holder to release it (polling
-        every ``poll`` seconds); a stale lock is taken over. RepositoryLockedError naming the
-        holder when it is still held after ``wait``."""
+        every ``poll`` seconds); a stale lock, or one of a provably dead holder, is taken over.
+        RepositoryLockedError naming the holder when it is still held after ``wait``."""
         if self.held:
             return
         deadline = time.monotonic() + max(0.0, wait)
@@ -152,7 +159,7 @@ class RepositoryLock:
                 if current.token == self.token:  # our create went through; its answer was lost
                     self.held = True
                     return
-                if self._stale(current) and self._take_over(current):
+                if self._abandoned(current) and self._take_over(current):
                     return
             left = deadline - time.monotonic()
             if left <= 0:
@@ -227,6 +234,16 @@ class RepositoryLock:
     def _stale(self, record: LockRecord) -> bool:
         return time.time() - record.refreshed > self.stale_after
 
+    def _abandoned(self, record: LockRecord) -> str | None:
+        """Why ``record``'s holder is gone (stale, or provably dead), or None."""
+        if self._stale(record):
+            return f"stale: not refreshed for {self.stale_after:g} s"
+        if record.valid:
+            dead = dead_holder(record.owner)
+            if dead is not None:
+                return f"dead holder: {dead}"
+        return None
+
     def _ours(self, doing: str) -> LockRecord | None:
         """The stored lock if it is ours, None if there is none; RepositoryLockedError naming
         the holder if someone else holds it."""
@@ -240,15 +257,19 @@ class RepositoryLock:
         return current
 
     def _take_over(self, stale: LockRecord) -> bool:
-        """Replace ``stale`` by our lock; False when another run is doing it (or did)."""
+        """Replace ``stale`` (stale or dead) by our lock; False when another run is doing it (or
+        did)."""
         marker = f"{self.key}.takeover-{stale.token}"
         if not self.target.put_if_absent(marker, self._record(time.time())):
             self._clear_abandoned_marker(marker)
             return False
         try:
             current = self.read()
-            if current is None or current.token != stale.token or not self._stale(current):
-                return False  # released, taken over, or refreshed after all
+            if current is None or current.token != stale.token:
+                return False  # released or taken over
+            why = self._abandoned(current)
+            if why is None:
+                return False  # refreshed after all
             self.target.delete(self.key)
             self._created = time.time()
             if not self.target.put_if_absent(self.key, self._record(self._created)):
@@ -257,19 +278,28 @@ class RepositoryLock:
             self.target.delete(marker)
         self.held = True
         self.took_over = stale
-        log.warning(
-            "%s: took over a stale lock of %s (stale after %g s)",
-            self._where(),
-            stale.describe(time.time()),
-            self.stale_after,
-        )
+        self.takeover_reason = why
+        if why.startswith("dead"):
+            log.warning(
+                "%s: took over the lock of a dead holder, %s (%s)",
+                self._where(),
+                stale.describe(time.time()),
+                why.removeprefix("dead holder: "),
+            )
+        else:
+            log.warning(
+                "%s: took over a stale lock of %s (stale after %g s)",
+                self._where(),
+                stale.describe(time.time()),
+                self.stale_after,
+            )
         return True
 
     def _clear_abandoned_marker(self, marker: str) -> None:
         """A takeover marker left by a run that died taking over: removed once it is stale
-        itself, so the dead lock can still be taken over."""
+        itself (or its taker provably dead), so the dead lock can still be taken over."""
         record = read_lock(self.target, marker)
-        if record is not None and self._stale(record):
+        if record is not None and self._abandoned(record):
             self.target.delete(marker)
 
     def _keep_fresh(self, every: float) -> None:

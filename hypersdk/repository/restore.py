@@ -1,17 +1,21 @@
 """Restore a point of a VM from its repository: any point, into any image format or into a local
 VM directory the local source reads back.
 
-Each disk's chain is loaded and checked link by link (hypersdk.repository.chain), every stored
-object of it is verified against its manifest (object hash, then every chunk hash of the bytes
-that layer defines) before anything is written, and the composed disk is converted by the format
-driver into a temporary file published only when complete (hypersdk.atomic). Streaming, bounded
-memory; decryption on the fly for the AES container.
+Each disk's chain is loaded and checked link by link (hypersdk.repository.chain); the composed
+disk is converted by the format driver into a temporary file (hypersdk.atomic) while a second
+thread re-reads every stored object of the chain and checks its size and BLAKE3 against its
+manifest; the output is published only when both are done and every object is intact. An intact
+object is byte for byte what the backup wrote and verified chunk by chunk (its verify-export
+step), so the chunk hashes hold too (``hyperctl verify`` re-checks them); the AES container
+authenticates every chunk it decrypts on top. Streaming, bounded memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,13 +56,16 @@ def resolve_point(target: Any, vm: str, at: str) -> ExportManifest:
     return point_manifest(target, vm, at)
 
 
-def verify_chain(target: Any, chain: list[Link], encryption: Any | None) -> None:
-    """Every object of the chain matches its manifest (object hash and chunk hashes); the first
-    mismatch is a VerificationError naming the object and the offset."""
-    from hypersdk.verify import verify_disk
+def chain_problem(target: Any, chain: list[Link]) -> str | None:
+    """The first stored object of the chain that is not exactly the bytes its manifest names
+    (size and BLAKE3), as one line naming it; None when every one is intact."""
+    from hypersdk.verify import stored_object_problem
 
     for link in chain:
-        verify_disk(target, link.disk, encryption)
+        problem = stored_object_problem(target, link.disk)
+        if problem is not None:
+            return problem
+    return None
 
 
 def restore_disk(
@@ -75,10 +82,29 @@ def restore_disk(
     started = time.perf_counter()
     output_driver(fmt)
     chain = load_chain(target, vm, export_id, disk)
-    verify_chain(target, chain, encryption)
-    with open_point(target, chain, encryption) as image:
-        convert_image(image, dst, fmt, None, progress, cache=cache)
-        size = image.size
+    # The stored objects are hashed in a thread while the point is written (two cores); the
+    # output takes its name only once every object proved intact.
+    with ThreadPoolExecutor(1, thread_name_prefix="restore-check") as pool:
+        checked = pool.submit(chain_problem, target, chain)
+
+        def all_intact() -> None:
+            problem = checked.result()
+            if problem is not None:
+                raise VerificationError(problem)
+
+        try:
+            with open_point(target, chain, encryption) as image:
+                convert_image(
+                    image, dst, fmt, None, progress, cache=cache, before_publish=all_intact
+                )
+                size = image.size
+        except VerificationError:
+            raise
+        except Exception as exc:
+            problem = checked.result()  # a changed object explains a reader's failure best
+            if problem is not None:
+                raise VerificationError(problem) from exc
+            raise
     return RestoredDisk(
         disk,
         os.fspath(dst),
@@ -102,8 +128,12 @@ def restore_point(
     """Restore point ``at`` of ``vm`` into ``out``: a directory that becomes a local VM
     directory (vm.json and one image per disk, in ``fmt``, default the chain's own format), or,
     for a VM with one disk, an image file when ``out`` names one with an extension."""
-    manifest = resolve_point(target, vm, at)
     out = Path(out)
+    if not out.parent.is_dir():  # a mistyped path must not grow a tree somewhere else
+        raise InvalidParameterError(
+            f"{out.parent} is not an existing directory: create it first, or restore elsewhere"
+        )
+    manifest = resolve_point(target, vm, at)
     disks = manifest.disks
     if not disks:
         raise VerificationError(f"point {manifest.export_id} of {vm!r} holds no disks")
@@ -128,11 +158,37 @@ def restore_point(
                 progress,
             )
         ]
-    out.mkdir(parents=True, exist_ok=True)
-    restored = []
+    created = not out.exists()
+    out.mkdir(exist_ok=True)
+    restored: list[RestoredDisk] = []
+    try:
+        _restore_into(target, vm, manifest, out, fmt, encryption, cache, progress, restored)
+    except BaseException:  # a failed restore leaves nothing under OUT (a wrong key, a bad chain)
+        for r in restored:
+            Path(r.path).unlink(missing_ok=True)
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+    return manifest, restored
+
+
+def _restore_into(
+    target: Any,
+    vm: str,
+    manifest: ExportManifest,
+    out: Path,
+    fmt: str | None,
+    encryption: Any | None,
+    cache: str,
+    progress: Any | None,
+    restored: list[RestoredDisk],
+) -> None:
+    """Every disk of the point into the directory ``out``, then its vm.json (appending each
+    restored disk to ``restored`` as it is published)."""
     vm_info = manifest.vm.model_copy(deep=True)
     vm_info.power_state = "poweredOff"  # a restored VM is files, not a running machine
-    for d in disks:
+    for d in manifest.disks:
         disk_fmt = fmt or d.image_format or d.format
         if output_driver(disk_fmt).kind != "disk":
             disk_fmt = "qcow2"
@@ -155,4 +211,3 @@ def restore_point(
                 info.backing, info.format = name, disk_fmt
     # the local source's VM description (providers/sources/local.py reads it back)
     write_bytes_atomic(out / "vm.json", vm_info.model_dump_json(indent=2).encode())
-    return manifest, restored

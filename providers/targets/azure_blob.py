@@ -2,7 +2,10 @@
 
 Exports stream as a staged block blob: blocks are staged in parallel (bounded in memory) and the
 blob appears only when ``commit_block_list`` runs. An aborted run simply never commits: staged
-blocks are invisible and Azure discards uncommitted blocks after 7 days.
+blocks are invisible, yet stored and billed until Azure discards them, 7 days after the last
+block was staged. A killed run leaves them as an *uncommitted blob*: ``pending_uploads`` lists
+those and ``abort_upload`` discards one at once (an empty block list committed only if no blob
+is there, then that empty blob deleted).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from hypersdk.errors import (
     TargetError,
 )
 from hypersdk.models import ObjectInfo
-from providers.base import ObjectWriter, Target
+from providers.base import ObjectWriter, PendingUpload, Target
 from providers.targets._common import (
     MiB,
     PartUploadWriter,
@@ -305,6 +308,61 @@ class AzureBlobTarget(Target):
                     modified=b.last_modified,
                     storage_class=str(b.blob_tier) if b.blob_tier else None,
                 )
+
+    def pending_uploads(self, prefix: str = "") -> list[PendingUpload]:
+        """Uncommitted blobs under ``prefix``: names that have staged blocks and no committed
+        blob (the listing with ``uncommittedblobs`` less the plain one). Blocks staged onto a
+        name that has a committed blob show in no listing; our writers stage only under keys
+        that have none, and Azure discards such blocks after its week anyway."""
+        base = f"{self.prefix}/" if self.prefix else ""
+        out: list[PendingUpload] = []
+        with self.errors():
+            committed = {b.name for b in self.container.list_blobs(name_starts_with=base + prefix)}
+            for b in self.container.list_blobs(
+                name_starts_with=base + prefix, include=["uncommittedblobs"]
+            ):
+                if b.name in committed:
+                    continue
+                out.append(
+                    PendingUpload(
+                        key=b.name[len(base) :],
+                        upload_id=b.name,
+                        started=b.creation_time or b.last_modified,
+                        size=self._staged_bytes(b.name),
+                    )
+                )
+        return out
+
+    def _staged_bytes(self, name: str) -> int | None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            _, staged = self.container.get_blob_client(name).get_block_list("uncommitted")
+        except ResourceNotFoundError:
+            return None
+        return sum(b.size for b in staged)
+
+    def abort_upload(self, upload: PendingUpload) -> None:
+        """Discard an uncommitted blob's staged blocks: Put Block List with no block and
+        ``If-None-Match: *`` (refused if a committed blob is there, which is left as it is)
+        turns the name into an empty blob and drops every uncommitted block; that blob is then
+        deleted if it is still the one we made."""
+        from azure.core import MatchConditions
+        from azure.core.exceptions import (
+            ResourceExistsError,
+            ResourceModifiedError,
+            ResourceNotFoundError,
+        )
+
+        name = (f"{self.prefix}/" if self.prefix else "") + upload.key
+        blob = self.container.get_blob_client(name)
+        with self.errors(name):
+            try:
+                made = blob.commit_block_list([], match_condition=MatchConditions.IfMissing)
+            except (ResourceExistsError, ResourceModifiedError):
+                return  # a committed blob has this name: not an unfinished upload any more
+            with contextlib.suppress(ResourceModifiedError, ResourceNotFoundError):
+                blob.delete_blob(etag=made["etag"], match_condition=MatchConditions.IfNotModified)
 
     def delete(self, key: str) -> None:
         from azure.core.exceptions import ResourceNotFoundError

@@ -3,7 +3,10 @@
 Exports stream through a resumable upload session fed chunk by chunk (chunks are multiples of
 256 KiB, 16 MiB by default): one chunk uploads while the next fills, so memory stays at a few
 chunks. The object appears only when the session is finalized; an aborted run cancels the session
-(DELETE on the session URI) so nothing becomes visible.
+(DELETE on the session URI) so nothing becomes visible. A killed run's session is not an object,
+cannot be listed (only its URI, which died with the run, names it) and expires one week after it
+began: ``pending_uploads`` has nothing to find here. (XML API multipart uploads and compose parts,
+which would be listable or real objects, are not used.)
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from hypersdk.errors import (
     TargetError,
 )
 from hypersdk.models import ObjectInfo
-from providers.base import ObjectWriter, Target
+from providers.base import ObjectWriter, PendingUpload, Target
 from providers.targets._common import (
     MiB,
     PartUploadWriter,
@@ -361,6 +364,17 @@ class GCSTarget(Target):
                     modified=b.updated,
                     storage_class=b.storage_class,
                 )
+
+    def pending_uploads(self, prefix: str = "") -> list[PendingUpload]:
+        """Always empty: an unfinished resumable session is no object and no listing shows it
+        (see the module); GCS drops it a week after it began."""
+        return []
+
+    def abort_upload(self, upload: PendingUpload) -> None:
+        raise InvalidParameterError(
+            f"{self.location(upload.key)}: GCS lists no unfinished uploads to abort (resumable "
+            "sessions expire by themselves)"
+        )
 
     def delete(self, key: str) -> None:
         from google.api_core.exceptions import NotFound

@@ -4,6 +4,10 @@ Objects are written with O_DIRECT by default (``cache=none``, see hypersdk.atomi
 large disk then neither floods the host's page cache nor stalls on flushing it, and verifying an
 export afterwards reads what reached the disk. ``file:///exports?cache=writeback`` goes through
 the page cache (then fsync) for filesystems where direct I/O is slow.
+
+A write in progress is the hidden file ``.<name>.partial-<random>`` next to its final name (see
+hypersdk.atomic), never listed as an object; a killed run leaves it behind, and
+``pending_uploads`` / ``abort_upload`` find and remove such files.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from urllib.parse import unquote, urlsplit
@@ -19,7 +24,16 @@ from hypersdk.atomic import atomic_file, check_cache_mode, temp_name, write_byte
 from hypersdk.errors import InvalidParameterError, ObjectNotFoundError, TargetError
 from hypersdk.io import FileRangeReader, RangeReader, target_error
 from hypersdk.models import ObjectInfo
-from providers.base import ObjectWriter, Target
+from providers.base import ObjectWriter, PendingUpload, Target
+
+_PARTIAL = ".partial-"
+
+
+def _is_partial(name: str) -> bool:
+    """A temporary name of an unfinished write (hypersdk.atomic.temp_name, or an older
+    version's): hidden, never an object. Object names never start with a dot (key segments
+    are made by hypersdk.names.safe_component, which encodes a leading one)."""
+    return name.startswith(".") and _PARTIAL in name
 
 
 class LocalObjectWriter(ObjectWriter):
@@ -138,7 +152,7 @@ class LocalTarget(Target):
         for dirpath, dirnames, filenames in os.walk(base):
             dirnames.sort()
             for name in sorted(filenames):
-                if name.startswith(".") and ".partial-" in name:
+                if _is_partial(name):
                     continue  # an unfinished write, never an object
                 full = os.path.join(dirpath, name)
                 key = os.path.relpath(full, self.root).replace(os.sep, "/")
@@ -148,13 +162,63 @@ class LocalTarget(Target):
                         key=key, size=st.st_size, modified=datetime.fromtimestamp(st.st_mtime, UTC)
                     )
 
+    def pending_uploads(self, prefix: str = "") -> list[PendingUpload]:
+        """The temporary files of writes that never finished (their final key under
+        ``prefix``): regular files only, never followed through a link."""
+        base = self.path(os.path.dirname(prefix)) if prefix else self.root
+        out: list[PendingUpload] = []
+        if not os.path.isdir(base):
+            return out
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames.sort()
+            for name in sorted(filenames):
+                if not _is_partial(name):
+                    continue
+                full = os.path.join(dirpath, name)
+                rel = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
+                final = name[1 : name.rfind(_PARTIAL)]
+                key = f"{rel}/{final}" if rel != "." else final
+                try:
+                    st = os.lstat(full)
+                except FileNotFoundError:
+                    continue  # finished or removed meanwhile
+                if not stat.S_ISREG(st.st_mode) or not key.startswith(prefix):
+                    continue
+                out.append(
+                    PendingUpload(
+                        key=key,
+                        upload_id=os.path.relpath(full, self.root).replace(os.sep, "/"),
+                        started=datetime.fromtimestamp(st.st_mtime, UTC),
+                        size=st.st_size,
+                    )
+                )
+        return out
+
+    def abort_upload(self, upload: PendingUpload) -> None:
+        """Remove the temporary file (only a hidden ``.partial-`` regular file inside the
+        target), then the directories it leaves empty."""
+        path = self.path(upload.upload_id)
+        if not _is_partial(os.path.basename(path)):
+            raise InvalidParameterError(f"{path}: not the temporary file of an unfinished write")
+        try:
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                raise InvalidParameterError(f"{path}: not a regular file: left alone")
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise target_error(path, exc, "remove") from None
+        self._prune(os.path.dirname(path))
+
     def delete(self, key: str) -> None:
         """Remove the object, then the directories it leaves empty (an object store has no
         directories: a forgotten export leaves nothing behind here either)."""
         path = self.path(key)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        parent = os.path.dirname(path)
+        self._prune(os.path.dirname(path))
+
+    def _prune(self, parent: str) -> None:
         while parent != self.root and parent.startswith(self.root + os.sep):
             try:
                 os.rmdir(parent)  # only if empty

@@ -3,6 +3,9 @@
 Exports stream as a multipart upload straight from the pipeline (no staging file): parts are
 uploaded in parallel with a bound on parts in memory; a failed or interrupted run aborts the
 upload so no orphan parts are billed. Objects smaller than one part use a single PutObject.
+A killed run cannot abort its upload: ``pending_uploads`` lists what such runs left
+(ListMultipartUploads) and ``abort_upload`` removes it; a bucket lifecycle rule
+AbortIncompleteMultipartUpload is the safety net for uploads nobody cleans up.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from hypersdk.errors import (
     TargetError,
 )
 from hypersdk.models import ObjectInfo
-from providers.base import ObjectWriter, Target
+from providers.base import ObjectWriter, PendingUpload, Target
 from providers.targets._common import (
     MiB,
     PartUploadWriter,
@@ -399,15 +402,39 @@ class S3Target(Target):
         with self.errors(full):
             self.client.delete_object(Bucket=self.bucket, Key=full)
 
-    def pending_uploads(self) -> list[dict]:
-        """Multipart uploads started under this prefix and never completed nor aborted."""
-        out: list[dict] = []
+    def pending_uploads(self, prefix: str = "") -> list[PendingUpload]:
+        """Multipart uploads begun under ``prefix`` and never completed nor aborted: their
+        parts are stored (and billed) though no object shows them."""
+        base = f"{self.prefix}/" if self.prefix else ""
+        out: list[PendingUpload] = []
         with self.errors():
             for page in self.client.get_paginator("list_multipart_uploads").paginate(
-                Bucket=self.bucket, Prefix=self.prefix
+                Bucket=self.bucket, Prefix=base + prefix
             ):
-                out.extend(page.get("Uploads", []))
+                for up in page.get("Uploads", []):
+                    out.append(
+                        PendingUpload(
+                            key=up["Key"][len(base) :],
+                            upload_id=up["UploadId"],
+                            started=up.get("Initiated"),
+                        )
+                    )
         return out
+
+    def abort_upload(self, upload: PendingUpload) -> None:
+        """AbortMultipartUpload: its parts are freed; an upload already gone is no error."""
+        from botocore.exceptions import ClientError
+
+        base = f"{self.prefix}/" if self.prefix else ""
+        full = base + upload.key
+        with self.errors(full):
+            try:
+                self.client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=full, UploadId=upload.upload_id
+                )
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                    raise
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
