@@ -10,12 +10,15 @@ one line.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import Flow
 from prefect.utilities.callables import get_call_parameters
 
 from flows.logs import route_engine_logs
+
+if TYPE_CHECKING:
+    from hypersdk.crypto.keys import KeySpec
 
 # Flow.__call__'s own keyword arguments, not flow parameters
 _ENGINE_OPTIONS = frozenset({"return_state", "wait_for"})
@@ -46,3 +49,33 @@ def checked_flow(
         return flow
 
     return wrap
+
+
+def checked_target(params: dict[str, Any]) -> str:
+    """The run's target URL (the default when none): no secret in it, a known scheme with
+    valid options."""
+    from hypersdk import config
+    from hypersdk.urls import check_url
+    from providers import open_target
+
+    target = params.get("target") or config.default_target_url()
+    check_url(target, "target URL")
+    with open_target(target):
+        pass
+    return target
+
+
+def checked_key(params: dict[str, Any]) -> KeySpec | None:
+    """The run's key reference (``encryption``) as a KeySpec, or None."""
+    from pydantic import ValidationError
+
+    from hypersdk.crypto.keys import KeySpec
+    from hypersdk.errors import InvalidParameterError
+
+    key = params.get("encryption")
+    if key is None or isinstance(key, KeySpec):
+        return key
+    try:
+        return KeySpec.model_validate(key)
+    except ValidationError as exc:
+        raise InvalidParameterError(f"invalid encryption: {exc.errors()[0]['msg']}") from None

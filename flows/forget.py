@@ -19,7 +19,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from flows.checked import checked_flow
+from flows.checked import checked_flow, checked_key, checked_target
 from flows.params import EncryptionRef, TargetUrl, VmName
 from flows.repo_slot import repository_slot
 from hypersdk.errors import InvalidParameterError
@@ -73,29 +73,14 @@ class ForgetArgs:
 def check_forget(params: dict[str, Any]) -> ForgetArgs:
     """Everything a forget can check without reading the repository: one typed error each (an
     empty policy is refused: forgetting every point is never what a missing rule means)."""
-    from hypersdk import config
-    from hypersdk.crypto.keys import KeySpec
-    from hypersdk.urls import check_url
-    from providers import open_target
-
     vm = params.get("vm")
     if not isinstance(vm, str) or not vm:
         raise InvalidParameterError("name the VM whose points to forget (vm=NAME)")
     policy = RetentionPolicy.model_validate(
         {k: params[k] for k in KEEP_RULES if params.get(k) is not None}
     )
-    target = params.get("target") or config.default_target_url()
-    check_url(target, "target URL")
-    with open_target(target):  # a known scheme with valid options
-        pass
-    key = params.get("encryption")
-    if key is not None and not isinstance(key, KeySpec):
-        from pydantic import ValidationError
-
-        try:
-            key = KeySpec.model_validate(key)
-        except ValidationError as exc:
-            raise InvalidParameterError(f"invalid encryption: {exc.errors()[0]['msg']}") from None
+    target = checked_target(params)
+    key = checked_key(params)
     return ForgetArgs(vm, target, policy, bool(params.get("dry_run", False)), key)
 
 

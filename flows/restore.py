@@ -20,7 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from flows.checked import checked_flow
+from flows.checked import checked_flow, checked_key, checked_target
 from flows.params import EncryptionRef, TargetUrl, VmName
 from hypersdk.errors import InvalidParameterError, TargetError
 from hypersdk.formats import get_driver, output_formats
@@ -78,11 +78,6 @@ def _writable_place(out: Path) -> None:
 
 def check_restore(params: dict[str, Any]) -> RestoreArgs:
     """Everything a restore can check without reading the repository: one typed error each."""
-    from hypersdk import config
-    from hypersdk.crypto.keys import KeySpec
-    from hypersdk.urls import check_url
-    from providers import open_target
-
     vm = params.get("vm")
     if not isinstance(vm, str) or not vm:
         raise InvalidParameterError("name the VM to restore (vm=NAME)")
@@ -104,18 +99,8 @@ def check_restore(params: dict[str, Any]) -> RestoreArgs:
             "directory is the checkout, not yours)"
         )
     _writable_place(out_path)
-    target = params.get("target") or config.default_target_url()
-    check_url(target, "target URL")
-    with open_target(target):  # a known scheme with valid options
-        pass
-    key = params.get("encryption")
-    if key is not None and not isinstance(key, KeySpec):
-        from pydantic import ValidationError
-
-        try:
-            key = KeySpec.model_validate(key)
-        except ValidationError as exc:
-            raise InvalidParameterError(f"invalid encryption: {exc.errors()[0]['msg']}") from None
+    target = checked_target(params)
+    key = checked_key(params)
     return RestoreArgs(vm, out_path, target, at.strip(), fmt, key)
 
 

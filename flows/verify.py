@@ -13,7 +13,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
-from flows.checked import checked_flow
+from flows.checked import checked_flow, checked_key, checked_target
 from flows.params import EncryptionRef, TargetUrl, VmName
 from hypersdk.errors import InvalidParameterError, VerificationError
 from hypersdk.names import is_export_id
@@ -50,29 +50,14 @@ class VerifyArgs:
 def check_verify(params: dict[str, Any]) -> VerifyArgs:
     """Everything a verification can check without reading the repository: one typed error
     each (a URL carrying a secret, an unknown scheme, a malformed point or key reference)."""
-    from hypersdk import config
-    from hypersdk.crypto.keys import KeySpec
-    from hypersdk.urls import check_url
-    from providers import open_target
-
     vm = params.get("vm")
     if not isinstance(vm, str) or not vm:
         raise InvalidParameterError("name the VM whose points to verify (vm=NAME)")
     at = params.get("at", "all")
     if not isinstance(at, str) or not is_export_id(at):
         raise InvalidParameterError('at must be "all", "latest" or an export id')
-    target = params.get("target") or config.default_target_url()
-    check_url(target, "target URL")
-    with open_target(target):  # a known scheme with valid options
-        pass
-    key = params.get("encryption")
-    if key is not None and not isinstance(key, KeySpec):
-        from pydantic import ValidationError
-
-        try:
-            key = KeySpec.model_validate(key)
-        except ValidationError as exc:
-            raise InvalidParameterError(f"invalid encryption: {exc.errors()[0]['msg']}") from None
+    target = checked_target(params)
+    key = checked_key(params)
     return VerifyArgs(vm, target, at, key)
 
 
