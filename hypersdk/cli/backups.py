@@ -187,6 +187,13 @@ def forget(
     from hypersdk.repository.forget import forget as forget_points
     from hypersdk.repository.retention import RetentionPolicy
 
+    if all(v is None for v in keep.values()):  # forgetting every point is never meant
+        from hypersdk.errors import InvalidParameterError
+
+        raise InvalidParameterError(
+            "the retention policy is empty: give at least one rule (--keep-last, --keep-hourly, "
+            "--keep-daily, --keep-weekly, --keep-monthly, --keep-yearly or --keep-within)"
+        )
     policy = RetentionPolicy.model_validate({k: v for k, v in keep.items() if v is not None})
     key = _key(key_file, passphrase_file, passphrase_env)
     say = (lambda _line: None) if as_json else click.echo
@@ -212,9 +219,9 @@ def forget(
     verb = "would forget" if dry_run else "forgot"
     for pid in result.plan.forget_ids:
         click.echo(f"{verb} {pid}")
-    if result.chain.rebase:
-        how = "would be" if dry_run else "were"
-        click.echo(f"rebased on synthetic fulls: {', '.join(result.chain.rebase)} ({how} deltas)")
+    for pid in result.chain.rebase:  # a kept delta whose parent goes
+        verb = "would rebase" if dry_run else "rebased"
+        click.echo(f"{verb} {pid} on a synthetic full (its parent goes)")
 
 
 @click.command(
