@@ -70,19 +70,28 @@ def forget(
     """Plan, and unless ``dry_run`` carry out, the forgetting of ``vm``'s points by ``policy``,
     holding the VM's repository lock while objects change. ``owner``: the lock's owner record
     (``default_owner("forget")`` when None; a flow adds its run id and slot lease)."""
-    manifests = {pid: point_manifest(target, vm, pid) for pid in points(target, vm)}
-    if not manifests:
-        raise VerificationError(f"no backups of VM {vm!r} on {target.url}")
-    retention = plan([Point(pid, m.created) for pid, m in manifests.items()], policy, now)
-    chain = chain_plan(retention, {pid: _parent_point(m) for pid, m in manifests.items()})
-    result = ForgetResult(retention, chain, dry_run)
+    manifests, result = _plan(target, vm, policy, now, dry_run)
     if dry_run:
         return result
     who = owner or default_owner("forget")
     with RepositoryLock(target, vm_prefix(vm), who, wait=lock_wait) as lock:
         clean_abandoned(target, vm, lock, say=say)  # what killed runs left, first
-        _carry_out(target, vm, chain, manifests, encryption, say, result)
+        # planned again under the lock: a backup may have committed a point meanwhile
+        manifests, result = _plan(target, vm, policy, now, dry_run)
+        _carry_out(target, vm, result.chain, manifests, encryption, say, result)
     return result
+
+
+def _plan(
+    target: Any, vm: str, policy: RetentionPolicy, now: datetime | None, dry_run: bool
+) -> tuple[dict[str, ExportManifest], ForgetResult]:
+    """The VM's manifests by export id, and what the policy keeps and forgets among them."""
+    manifests = {pid: point_manifest(target, vm, pid) for pid in points(target, vm)}
+    if not manifests:
+        raise VerificationError(f"no backups of VM {vm!r} on {target.url}")
+    retention = plan([Point(pid, m.created) for pid, m in manifests.items()], policy, now)
+    chain = chain_plan(retention, {pid: _parent_point(m) for pid, m in manifests.items()})
+    return manifests, ForgetResult(retention, chain, dry_run)
 
 
 def _carry_out(
