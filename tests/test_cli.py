@@ -110,7 +110,7 @@ def test_full_target_disk_leaves_nothing(image, tmp_path):
 
 def test_interrupted_convert_leaves_nothing(tmp_path):
     big = tmp_path / "big.raw"
-    write_realistic_disk(big, 768 * MiB, seed=9, random_fraction=0.7, text_fraction=0.2)
+    write_realistic_disk(big, 256 * MiB, seed=9, random_fraction=0.7, text_fraction=0.2)
     out = tmp_path / "big.qcow2"
     proc = subprocess.Popen(
         [HYPERCTL, "convert", str(big), str(out), "-O", "qcow2", "-q"],

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -21,14 +22,25 @@ from tests.points import make_vm, run_chain
 HYPERCTL = str(Path(sys.executable).with_name("hyperctl"))
 
 
-@pytest.fixture
-def chain(prefect_api, tmp_path):
-    root, disk = make_vm(tmp_path)
-    copies = tmp_path / "copies"
+@pytest.fixture(scope="module")
+def built_chain(prefect_api, tmp_path_factory):
+    """One chain of four points for the module (the backups are the slow part)."""
+    base = tmp_path_factory.mktemp("forget")
+    root, disk = make_vm(base)
+    copies = base / "copies"
     copies.mkdir()
-    repo = tmp_path / "repo"
+    repo = base / "repo"
     results = run_chain(str(root), f"file://{repo}", disk, copies)
     return repo, copies, [r.export_id for r in results]
+
+
+@pytest.fixture
+def chain(built_chain, tmp_path):
+    """A private copy of the module's repository: each test forgets in its own."""
+    repo, copies, ids = built_chain
+    mine = tmp_path / "repo"
+    shutil.copytree(repo, mine)
+    return mine, copies, ids
 
 
 def _restore_equal(repo: Path, export_id: str, copies: Path, tmp_path: Path) -> None:
