@@ -29,13 +29,13 @@ from flows.repo_slot import repository_slot
 from hypersdk.formats import extension_for, get_driver
 from hypersdk.manifest import DiskManifest, ExportManifest, ParentLink
 from hypersdk.repository import (
-    MAX_DELTAS_IN_A_ROW,
     disk_key,
     manifest_key,
     package_key,
     vm_prefix,
 )
 from hypersdk.repository.cleanup import clean_abandoned
+from hypersdk.repository.history import pick_base
 from hypersdk.repository.locks import RepositoryLock, default_owner
 from hypersdk.requests import ExportRequest, validate_request
 from hypersdk.summary import DiskResult, MigrationResult, render_markdown
@@ -108,42 +108,6 @@ def check_request(req: ExportRequest) -> str:
         req.target,
     )
     return vm.name
-
-
-def pick_base(
-    history: list[ExportManifest], disk: str, req: ExportRequest
-) -> tuple[tuple[ExportManifest, DiskManifest] | None, str]:
-    """The newest point of ``disk`` a delta can build on (its export's manifest and the disk's
-    entry), or None and the reason why not. A delta is an HSDELTA naming that point by export
-    id and object hash, whatever the chain's format or target (docs/repository.md)."""
-    if not req.incremental:
-        return None, "full export asked for"
-    if not history:
-        return None, "no previous export on this target: full export"
-    if get_driver(req.format).kind == "package":
-        return None, f"format {req.format} packages the whole VM: full export"
-    found = next(((m, d) for m in history for d in m.disks if d.name == disk), None)
-    if found is None:
-        return None, f"no previous export of disk {disk}: full export"
-    _, newest = found
-    if newest.base_key is not None:
-        return None, "the previous export is a qcow2 delta named by path (older version): full"
-    if (newest.image_format or newest.format) != req.format:
-        return None, "previous export used another format: full export"
-    if bool(newest.encryption) != (req.encryption is not None):
-        return None, "previous export was encrypted differently: full export"
-    if req.encryption is not None and req.encryption.method == "gpg":
-        return None, "GPG exports have no random access to restore a chain through: full export"
-    limit = min(req.full_every or MAX_DELTAS_IN_A_ROW, MAX_DELTAS_IN_A_ROW)
-    deltas = 0
-    for manifest in history:  # newest first, back to the last full export
-        if manifest.kind != "incremental":
-            break
-        deltas += 1
-    if deltas >= limit:
-        why = f"full_every={req.full_every}" if req.full_every else "the longest chain kept"
-        return None, f"{deltas} deltas since the last full ({why}): full export"
-    return found, ""
 
 
 def _ui_url(flow_run_id: str | None) -> str | None:

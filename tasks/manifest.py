@@ -5,8 +5,9 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from hypersdk.manifest import ExportManifest, read_manifest
-from hypersdk.repository import manifest_key, manifest_keys, vm_prefix
+from hypersdk.manifest import ExportManifest
+from hypersdk.repository import manifest_key
+from hypersdk.repository.history import read_history
 from providers import open_target
 from tasks.common import io_task_options
 
@@ -21,8 +22,7 @@ def find_previous_export(target_url: str, vm: str) -> list[ExportManifest]:
     """The VM's export history on this target, newest first. A manifest that cannot be read
     is an error naming it, never skipped: skipping would silently move a delta's base."""
     with open_target(target_url) as target:
-        keys = manifest_keys([o.key for o in target.list(vm_prefix(vm))], vm)
-        history = [read_manifest(target, key) for key in reversed(keys)]
+        history = read_history(target, vm)
     if history:
         get_run_logger().info(
             "%d previous export(s) of %r on %s, newest %s (%s)",

@@ -355,10 +355,10 @@ def test_encrypted_export_to_s3(prefect_api, moto_s3, vm_root, tmp_path, monkeyp
 def test_incremental_chains_stop_where_readers_stop(prefect_api, vm_root, tmp_path, monkeypatch):
     """migrate_vm has no full_every by default: a full comes again once the chain is as long as
     readers follow (found the hard way: the 17th `make run` failed its verify)."""
-    import flows.export as export
+    import hypersdk.repository.history as history
     from flows.migrate import migrate_vm
 
-    monkeypatch.setattr(export, "MAX_DELTAS_IN_A_ROW", 2)
+    monkeypatch.setattr(history, "MAX_DELTAS_IN_A_ROW", 2)
     target = tmp_path / "exports"
     kinds = []
     for i in range(4):
