@@ -72,7 +72,7 @@ def _decrypting(disk, reader, encryption):
     return DecryptingReader(reader, encryption.resolve()), True
 
 
-def _open_logical(disk, reader):
+def open_logical(disk, reader):
     """The guest-visible disk of a stored object (a member of a package, or the object itself)."""
     if disk.member is None:
         return get_driver(disk.format).open(reader)
@@ -82,7 +82,7 @@ def _open_logical(disk, reader):
     for df in package.disk_files:
         if df.href == disk.member:
             return package.open_disk(df)
-    raise VerificationError(f"{disk.key}: the package has no disk {disk.member!r}")
+    raise VerificationError(f"{disk.key}: the package has no disk {printable(disk.member)!r}")
 
 
 def _check_keys(manifest_key: str, disks) -> None:
@@ -121,7 +121,7 @@ def check_disk(target, disk, encryption: Any | None = None) -> DiskVerdict:
             logical, logical_ok = _decrypting(disk, reader, encryption)
         bad: list[int] = []
         if logical_ok:
-            image = _open_logical(disk, logical)
+            image = open_logical(disk, logical)
             try:
                 bad = _check_disk(image, disk.chunks, disk.kind == "delta")
             finally:

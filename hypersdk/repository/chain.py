@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from hypersdk.errors import ObjectNotFoundError, VerificationError
-from hypersdk.formats import get_driver
 from hypersdk.formats.base import DiskImage
 from hypersdk.manifest import DiskManifest, ExportManifest, read_manifest
 from hypersdk.references import printable
 from hypersdk.repository.layout import manifest_key
+from hypersdk.verify import open_logical
 
 MAX_LINKS = 10_000  # a chain longer than this is a loop or an attack: retention keeps them short
 
@@ -106,19 +106,6 @@ def _plaintext(disk: DiskManifest, reader: Any, encryption: Any | None) -> Any:
     return DecryptingReader(reader, encryption.resolve())
 
 
-def _image(disk: DiskManifest, reader: Any) -> DiskImage:
-    """The guest-visible disk of a stored object (a member of a package, or the object)."""
-    if disk.member is None:
-        return get_driver(disk.format).open(reader)
-    from hypersdk.formats.ova import Package
-
-    package = Package(disk.key, archive=reader)
-    for df in package.disk_files:
-        if df.href == disk.member:
-            return package.open_disk(df)
-    raise VerificationError(f"{disk.key}: the package has no disk {printable(disk.member)!r}")
-
-
 def open_stored(
     target: Any, disk: DiskManifest, encryption: Any | None, stack: contextlib.ExitStack
 ) -> DiskImage:
@@ -132,7 +119,7 @@ def open_stored(
     plain = _plaintext(disk, reader, encryption)
     if plain is not reader:
         stack.callback(plain.close)
-    image = _image(disk, plain)
+    image = open_logical(disk, plain)
     stack.callback(image.close)
     return image
 

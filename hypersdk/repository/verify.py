@@ -31,7 +31,7 @@ from hypersdk.references import printable
 from hypersdk.repository.chain import _check_header
 from hypersdk.repository.layout import MANIFEST_NAME, export_prefix, manifest_key, vm_prefix
 from hypersdk.repository.restore import points
-from hypersdk.verify import _check_disk, _object_hash, _open_logical
+from hypersdk.verify import _check_disk, _object_hash, open_logical
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +372,7 @@ class _Verifier:
 
                 plain = DecryptingReader(reader, self._key)
             try:
-                image = _open_logical(d, plain)
+                image = open_logical(d, plain)
                 try:
                     if d.kind == "delta":
                         _check_header(d, image)
