@@ -83,6 +83,29 @@ def test_raw_export_and_single_vm_source(prefect_api, vm_root, tmp_path, qemu_im
     assert st.st_blocks * 512 < st.st_size  # sparse
 
 
+def test_the_disks_of_a_vm_stream_at_the_same_time(prefect_api, tmp_path, monkeypatch):
+    """Each disk's export waits at a barrier until the other's has begun: were the disks
+    exported one after the other, the barrier would break and the run fail (no timing)."""
+    import threading
+
+    import flows.export
+    from flows.migrate import migrate_vm
+
+    d = create_vm(tmp_path / "vms", "two", {"disk0": 3 * MiB, "disk1": 2 * MiB})
+    write_realistic_disk(d / "disk0.img", 3 * MiB, seed=1)
+    write_realistic_disk(d / "disk1.img", 2 * MiB, seed=2)
+    both_begun = threading.Barrier(2, timeout=60)
+    export_disk = flows.export._export_disk
+
+    def meet_then_export(*args):
+        both_begun.wait()
+        return export_disk(*args)
+
+    monkeypatch.setattr(flows.export, "_export_disk", meet_then_export)
+    r = migrate_vm(source=f"local://{d.parent}", target=f"file://{tmp_path / 'out'}", vm="two")
+    assert [x.name for x in r.disks] == ["disk0", "disk1"] and r.verified
+
+
 def _flow_runs() -> int:
     import asyncio
 

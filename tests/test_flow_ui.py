@@ -46,12 +46,8 @@ def test_cli_run_tells_its_story_in_the_ui(cli_env):
     api, env, vm_dir = cli_env
     first = _hyperctl(env, "migrate", "web01")
     assert first.returncode == 0, first.stdout + first.stderr
-    story = assert_tells_the_story(api, flow_run_id(first.stdout), disks=("disk0", "disk1"))
-    # the two disks streamed at the same time: their stage tasks overlap
-    starts = {t["name"]: t["start_time"] for t in story["tasks"]}
-    ends = {t["name"]: t["end_time"] for t in story["tasks"]}
-    assert starts["download-disk1"] < ends["upload-disk0"]
-    assert starts["download-disk0"] < ends["upload-disk1"]
+    assert_tells_the_story(api, flow_run_id(first.stdout), disks=("disk0", "disk1"))
+    # (that the disks stream at the same time is shown without timing in test_flow_migrate)
 
     mutate_disk(vm_dir / "disk0.img", 3, seed=5)
     second = _hyperctl(env, "migrate", "web01")
