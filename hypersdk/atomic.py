@@ -8,8 +8,9 @@ listings), created with O_CREAT|O_EXCL|O_NOFOLLOW: a file or symlink planted the
 sharing the directory makes the open fail instead of being written through or truncated. Until
 it is published the file is readable by its owner only (mode 0600: a decrypted image is
 plaintext); publishing gives it the usual mode (0644 less the umask). The rename replaces
-whatever sits at the final name, a symlink included: the link itself is replaced, never the file
-it points to.
+a regular file or a symlink at the final name: the link itself is replaced, never the file it
+points to. A FIFO, socket or device there is refused before anything is written: replacing
+``/dev/sdb`` with a regular file is never what ``convert disk.vmdk /dev/sdb`` meant.
 
 Cache modes, with qemu-img's names and meaning:
 - ``writeback`` (default): through the page cache, fsync before the rename: durable.
@@ -27,6 +28,7 @@ import fcntl
 import logging
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 
 from hypersdk.errors import InvalidParameterError
@@ -133,11 +135,29 @@ def _publish_unflushed(tmp: str, path: str) -> None:
     os.replace(tmp, path)
 
 
+def refuse_special_file(path: str) -> None:
+    """InvalidParameterError if ``path`` exists as something other than a regular file, a
+    symlink or a directory (a directory fails at the rename with its own message)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return
+    kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket", stat.S_ISBLK: "a block device"}
+    kinds[stat.S_ISCHR] = "a character device"
+    for test, kind in kinds.items():
+        if test(mode):
+            raise InvalidParameterError(
+                f"{path} is {kind}: outputs are written as regular files only "
+                "(choose another name, or remove it first)"
+            )
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, cache: str = "writeback") -> Iterator[FileSink]:
     """Yield a FileSink on a temp file next to ``path``; publish it on clean exit only."""
     check_cache_mode(cache)
     path = os.fspath(path)
+    refuse_special_file(path)
     directory = os.path.dirname(path) or "."
     try:
         os.makedirs(directory, exist_ok=True)

@@ -414,6 +414,19 @@ def test_publishing_over_an_existing_output(tmp_path, cache):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.img", "victim"]
 
 
+def test_special_files_at_the_output_name_are_refused(tmp_path, disk):
+    """A FIFO (or device) at OUT is refused in one line, before anything is written: an atomic
+    rename would silently replace it with a regular file."""
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(InvalidParameterError, match="is a FIFO"), atomic_file(fifo) as sink:
+        sink.write(b"never")
+    r = hyperctl("convert", "-O", "qcow2", str(disk), str(fifo))
+    one_line_error(r, "is a FIFO")
+    assert r.returncode == 2
+    assert fifo.is_fifo() and [p.name for p in tmp_path.iterdir()] == ["out.fifo"]
+
+
 def test_unsafe_publish_swaps_names_without_a_replacing_rename(tmp_path, monkeypatch):
     """The unsafe path never calls os.replace over an existing file where renameat2 works."""
     import hypersdk.atomic as atomic
