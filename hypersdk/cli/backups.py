@@ -4,13 +4,19 @@ them checked (hypersdk.repository)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import click
 
 from hypersdk.cli.common import Group, byte_counter, key_reference, progress_bar
+
+if TYPE_CHECKING:
+    from hypersdk.crypto import KeySpec
 
 backups_app = Group("backups", help="The points in a VM's backup repository.", no_args_is_help=True)
 
@@ -25,6 +31,26 @@ def _key(key_file: str | None, passphrase_file: str | None, passphrase_env: str 
     from hypersdk.crypto import KeySpec
 
     return KeySpec.model_validate(spec)
+
+
+def key_options(what: str) -> Callable[[Callable], Callable]:
+    """--key-file, --passphrase-file and --passphrase-env for ``what`` (e.g. "an encrypted
+    chain"), handed to the command as one ``key`` (a KeySpec, or None)."""
+
+    def wrap(command: Callable) -> Callable:
+        @functools.wraps(command)
+        def with_key(*args, key_file=None, passphrase_file=None, passphrase_env=None, **kwargs):
+            return command(*args, key=_key(key_file, passphrase_file, passphrase_env), **kwargs)
+
+        for option in (
+            click.option("--passphrase-env", help="Environment variable holding the passphrase"),
+            click.option("--passphrase-file", help=f"Passphrase file of {what}"),
+            click.option("--key-file", help=f"Key file of {what}"),
+        ):
+            with_key = option(with_key)
+        return with_key
+
+    return wrap
 
 
 def _target(url: str | None):
@@ -102,9 +128,7 @@ def backups_list(vm: str, target: str | None, as_json: bool) -> None:
 @click.option("--at", default="latest", show_default=True, help="Export id of the point")
 @target_opt
 @click.option("-O", "--format", "output_format", help="Image format (default: the chain's)")
-@click.option("--key-file", help="Key file of an encrypted chain")
-@click.option("--passphrase-file", help="Passphrase file of an encrypted chain")
-@click.option("--passphrase-env", help="Environment variable holding the passphrase")
+@key_options("an encrypted chain")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar")
 @json_opt
 def restore(
@@ -113,16 +137,13 @@ def restore(
     at: str,
     target: str | None,
     output_format: str | None,
-    key_file: str | None,
-    passphrase_file: str | None,
-    passphrase_env: str | None,
+    key: KeySpec | None,
     quiet: bool,
     as_json: bool,
 ) -> None:
     from hypersdk.repository.restore import restore_point
     from hypersdk.units import human
 
-    key = _key(key_file, passphrase_file, passphrase_env)
     with _target(target) as t, progress_bar(not quiet and sys.stderr.isatty()) as bar:
         manifest, restored = restore_point(
             t, vm, at, out, output_format, key, progress=byte_counter(bar, "restore", None)
@@ -170,17 +191,13 @@ def restore(
 @click.option("--keep-yearly", type=int, help="Keep the newest point of each of N years")
 @click.option("--keep-within", help="Keep every point within this of the newest (e.g. 30d)")
 @click.option("--dry-run", is_flag=True, help="Only say what would go")
-@click.option("--key-file", help="Key file of an encrypted chain (to rebase deltas)")
-@click.option("--passphrase-file", help="Passphrase file of an encrypted chain")
-@click.option("--passphrase-env", help="Environment variable holding the passphrase")
+@key_options("an encrypted chain (to rebase deltas)")
 @json_opt
 def forget(
     vm: str,
     target: str | None,
     dry_run: bool,
-    key_file: str | None,
-    passphrase_file: str | None,
-    passphrase_env: str | None,
+    key: KeySpec | None,
     as_json: bool,
     **keep: int | str | None,
 ) -> None:
@@ -195,7 +212,6 @@ def forget(
             "--keep-daily, --keep-weekly, --keep-monthly, --keep-yearly or --keep-within)"
         )
     policy = RetentionPolicy.model_validate({k: v for k, v in keep.items() if v is not None})
-    key = _key(key_file, passphrase_file, passphrase_env)
     say = (lambda _line: None) if as_json else click.echo
     with _target(target) as t:
         result = forget_points(t, vm, policy, key, dry_run=dry_run, say=say)
@@ -234,25 +250,20 @@ def forget(
 @target_opt
 @click.option("--all", "every", is_flag=True, help="Every point, oldest first")
 @click.option("--at", help="Export id of the point  [default: latest]")
-@click.option("--key-file", help="Key file of an encrypted repository")
-@click.option("--passphrase-file", help="Passphrase file of an encrypted repository")
-@click.option("--passphrase-env", help="Environment variable holding the passphrase")
+@key_options("an encrypted repository")
 @json_opt
 def verify(
     vm: str,
     target: str | None,
     every: bool,
     at: str | None,
-    key_file: str | None,
-    passphrase_file: str | None,
-    passphrase_env: str | None,
+    key: KeySpec | None,
     as_json: bool,
 ) -> None:
     from hypersdk.errors import InvalidParameterError
 
     if every and at:
         raise InvalidParameterError("give --all or --at, not both")
-    key = _key(key_file, passphrase_file, passphrase_env)
     if vm.endswith("manifest.json"):  # the older form: one export, by its manifest's key
         if every or at:
             raise InvalidParameterError(f"{vm} names one export: --all and --at do not apply")
