@@ -239,6 +239,20 @@ def test_broken_manifests_and_links_are_verdicts(plain_chain, tmp_path):
     assert any("loops back" in p for p in verdicts[ids[3]].problems)
 
 
+def test_a_manifest_that_disagrees_with_its_delta_names_the_field(plain_chain, tmp_path):
+    """A manifest whose parent size was raised to 2^62 (hostile, or a bug): the verdict names
+    the field the delta's own header disagrees on, at once (nothing sized by the claim)."""
+    repo, ids, _ = _copy(plain_chain, tmp_path)
+    mkey = f"{VM}/{ids[1]}/manifest.json"
+    doc = json.loads((repo / mkey).read_bytes())
+    doc["disks"][0]["parent"]["virtual_size"] = 2**62
+    (repo / mkey).write_text(json.dumps(doc))
+    verdicts = {v.export_id: v for v in _verify(repo)}
+    assert verdicts[ids[0]].ok and not verdicts[ids[1]].ok
+    assert "disagree on its parent size (" in verdicts[ids[1]].problems[0]
+    assert f"against {2**62})" in verdicts[ids[1]].problems[0]
+
+
 # --- an encrypted chain ------------------------------------------------------------------------
 
 

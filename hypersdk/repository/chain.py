@@ -149,11 +149,16 @@ def _check_header(disk: DiskManifest, layer: Any) -> None:
         raise VerificationError(f"{disk.key}: the manifest says delta, the object is not one")
     h, link = layer.header, disk.parent
     assert link is not None
-    ours = (h.parent_export_id, h.parent_disk, h.parent_object_blake3.hex(), h.parent_virtual_size)
-    theirs = (link.export_id, link.disk, link.object_blake3, link.virtual_size)
-    if ours != theirs or h.virtual_size != disk.virtual_size:
-        raise VerificationError(
-            f"{disk.key}: the delta's header names parent {printable(h.parent_export_id)}/"
-            f"{printable(h.parent_disk)}, its manifest {link.export_id}/{printable(link.disk)}: "
-            "they must agree"
-        )
+    fields = (
+        ("parent export", h.parent_export_id, link.export_id),
+        ("parent disk", h.parent_disk, link.disk),
+        ("parent hash", h.parent_object_blake3.hex(), link.object_blake3),
+        ("parent size", h.parent_virtual_size, link.virtual_size),
+        ("size", h.virtual_size, disk.virtual_size),
+    )
+    for name, header, manifest in fields:
+        if header != manifest:
+            raise VerificationError(
+                f"{disk.key}: the delta's header and its manifest disagree on its {name} "
+                f"({printable(str(header))[:80]} against {printable(str(manifest))[:80]})"
+            )
