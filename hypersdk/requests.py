@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from hypersdk import config
-from hypersdk.errors import InvalidParameterError, UnsupportedFormatError
+from hypersdk.errors import InvalidParameterError
 from hypersdk.extents import ExtentMap
 from hypersdk.formats import get_driver, output_driver
 from hypersdk.urls import check_url
@@ -33,9 +33,7 @@ class ExportRequest(BaseModel):
     def _known_writable_format(cls, value: str) -> str:
         try:
             return output_driver(value).name
-        except UnsupportedFormatError as exc:  # unknown
-            raise ValueError(exc.problem) from None
-        except InvalidParameterError as exc:  # read-only, or not an output
+        except InvalidParameterError as exc:  # unknown, read-only, or not an output
             raise ValueError(str(exc)) from None
 
     @field_validator("source", "target")

@@ -72,9 +72,9 @@ def test_convert_info_check(image, tmp_path, fmt, qemu_img):
 
 
 def test_convert_bad_input(image, tmp_path):
-    one_line_error(
-        hyperctl("convert", image, tmp_path / "x", "-O", "vhdz"), "unknown format 'vhdz'"
-    )
+    wrong_format = hyperctl("convert", image, tmp_path / "x", "-O", "vhdz")
+    one_line_error(wrong_format, "unknown format 'vhdz'")
+    assert wrong_format.returncode == 2  # a usage mistake
     one_line_error(
         hyperctl("convert", tmp_path / "missing.img", tmp_path / "x", "-O", "raw"), "missing.img"
     )

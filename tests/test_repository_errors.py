@@ -8,6 +8,7 @@ deltas) and one encrypted with a passphrase (a full and a delta), built once for
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -222,6 +223,20 @@ def test_out_in_a_directory_that_does_not_exist(chains, tmp_path):
     for out in (tmp_path / "nope" / "x.raw", tmp_path / "nope" / "vmdir"):
         _restore_fails(chains, 2, out, "-t", url, names=(str(tmp_path / "nope"), "directory"))
     assert not (tmp_path / "nope").exists()
+
+
+def test_a_wrong_format_is_a_usage_error_and_a_planted_one_is_named(chains, tmp_path):
+    """``-O nope`` is the user's mistake (exit 2); a manifest naming a format we do not write
+    (tampered) is the repository's problem (exit 1), named by its manifest, the name escaped."""
+    url = f"file://{chains.plain}"
+    _restore_fails(chains, 2, tmp_path / "vm", "-t", url, "-O", "nope", names=("'nope'",))
+    repo = _copy(chains.plain, tmp_path)
+    key = f"db01/{chains.plain_ids[-1]}/manifest.json"
+    doc = json.loads((repo / key).read_bytes())
+    doc["disks"][0]["image_format"] = "vmfs\x1b[2J"
+    (repo / key).write_text(json.dumps(doc))
+    line = _restore_fails(chains, 1, tmp_path / "vm", "-t", f"file://{repo}", names=(key,))
+    assert "\x1b" not in line and "unknown format 'vmfs" in line
 
 
 def test_forget_without_a_keep_rule_is_refused(chains, tmp_path):

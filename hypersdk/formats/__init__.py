@@ -82,13 +82,15 @@ def output_formats() -> list[str]:
 
 
 def output_driver(name: str) -> FormatDriver:
-    """The driver of an output format the user asked for, or UnsupportedFormatError saying why
-    it is not one (read-only, or the repository's own delta format)."""
+    """The driver of an output format the user asked for, or InvalidParameterError saying why
+    it is not one (unknown, read-only, or the repository's own delta format)."""
     try:
         driver = get_driver(name)
-    except UnsupportedFormatError:
+    except UnsupportedFormatError as exc:  # a wrong name is a usage mistake (exit 2)
+        if name.lower() in _by_name():  # a format we know and refuse: say why
+            raise InvalidParameterError(exc.problem) from None
         known = ", ".join(output_formats())
-        raise UnsupportedFormatError(None, f"unknown format {name!r} (known: {known})") from None
+        raise InvalidParameterError(f"unknown format {name!r} (known: {known})") from None
     if driver.kind == "delta":
         raise InvalidParameterError(
             f"format {name!r} is the backup repository's delta format, not an output format "

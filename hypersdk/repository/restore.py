@@ -26,6 +26,7 @@ from hypersdk.errors import InvalidParameterError, ObjectNotFoundError, Verifica
 from hypersdk.formats import extension_for, output_driver
 from hypersdk.manifest import ExportManifest
 from hypersdk.names import safe_component
+from hypersdk.references import printable
 from hypersdk.repository.chain import Link, load_chain, open_point, point_manifest
 from hypersdk.repository.layout import manifest_keys, vm_prefix
 
@@ -129,6 +130,8 @@ def restore_point(
     directory (vm.json and one image per disk, in ``fmt``, default the chain's own format), or,
     for a VM with one disk, an image file when ``out`` names one with an extension."""
     out = Path(out)
+    if fmt is not None:
+        output_driver(fmt)  # the user's mistake, before anything is read
     if not out.parent.is_dir():  # a mistyped path must not grow a tree somewhere else
         raise InvalidParameterError(
             f"{out.parent} is not an existing directory: create it first, or restore elsewhere"
@@ -190,8 +193,13 @@ def _restore_into(
     vm_info.power_state = "poweredOff"  # a restored VM is files, not a running machine
     for d in manifest.disks:
         disk_fmt = fmt or d.image_format or d.format
-        if output_driver(disk_fmt).kind != "disk":
-            disk_fmt = "qcow2"
+        try:
+            if output_driver(disk_fmt).kind != "disk":
+                disk_fmt = "qcow2"
+        except InvalidParameterError as exc:  # fmt was checked first: the manifest names it
+            raise VerificationError(
+                f"{vm}/{manifest.export_id}/manifest.json: disk {printable(d.name)!r}: {exc}"
+            ) from None
         name = f"{safe_component(d.name, 'disk name')}{extension_for(disk_fmt)}"
         restored.append(
             restore_disk(
