@@ -25,6 +25,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.callables import get_call_parameters
 
 from flows.logs import route_engine_logs
+from flows.ops_hooks import attach_ops_hooks
 from flows.repo_slot import repository_slot
 from hypersdk.formats import extension_for, get_driver
 from hypersdk.manifest import DiskManifest, ExportManifest, ParentLink
@@ -75,13 +76,14 @@ def export_flow(name: str, doc: str) -> Callable[[Callable], ExportFlow]:
     def wrap(fn: Callable) -> ExportFlow:
         fn.__doc__ = doc
         route_engine_logs()
-        return ExportFlow(
+        flow = ExportFlow(
             fn=fn,
             name=name,
             log_prints=True,
             validate_parameters=True,
             task_runner=ThreadPoolTaskRunner(max_workers=STAGE_THREADS),
         )
+        return attach_ops_hooks(flow)  # audit line and webhooks (flows/ops_hooks.py)
 
     return wrap
 

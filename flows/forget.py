@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from flows.checked import checked_flow, checked_key, checked_target
+from flows.ops_hooks import attach_ops_hooks
 from flows.params import EncryptionRef, TargetUrl, VmName
 from flows.repo_slot import repository_slot
 from hypersdk.errors import InvalidParameterError
@@ -205,3 +206,6 @@ def forget_backups(
         f"{'would be forgotten' if args.dry_run else 'forgotten'}"
     )
     return summary
+
+
+attach_ops_hooks(forget_backups)  # audit line and webhooks (flows/ops_hooks.py)

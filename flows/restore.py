@@ -21,6 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from flows.checked import checked_flow, checked_key, checked_target
+from flows.ops_hooks import attach_ops_hooks
 from flows.params import EncryptionRef, TargetUrl, VmName
 from hypersdk.errors import InvalidParameterError, TargetError
 from hypersdk.formats import get_driver, output_formats
@@ -247,3 +248,6 @@ def restore_vm(
     )
     print(f"restored point {manifest.export_id} of {args.vm} into {args.out}")
     return summary
+
+
+attach_ops_hooks(restore_vm)  # audit line and webhooks (flows/ops_hooks.py)

@@ -20,6 +20,8 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 # A test that runs a flow through the CLI without PREFECT_API_URL must not leave a managed
 # Prefect server behind (tests of the managed server set this themselves).
 os.environ.setdefault("HYPERSDK_PREFECT_SERVER", "off")
+# Runs append to the audit log (hypersdk.audit): the session's own, never the user's.
+os.environ.setdefault("HYPERSDK_AUDIT_LOG", os.path.join(_STATE, "audit.log"))
 
 # tools first: the other plugins import it.
 pytest_plugins = ["tests.fixtures.tools"] + sorted(

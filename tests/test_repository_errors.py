@@ -130,6 +130,24 @@ def test_unknown_vm_is_named(chains, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_cli_restore_and_forget_are_audited(chains, tmp_path, monkeypatch):
+    """hyperctl restore and forget (no flow run) append their audit line too, a failure with
+    its error; the chain verifies."""
+    from hypersdk.audit import AuditLog
+
+    log = tmp_path / "audit.log"
+    monkeypatch.setenv("HYPERSDK_AUDIT_LOG", str(log))
+    repo = f"file://{_copy(chains.plain, tmp_path)}"
+    _fails(chains, 1, "restore", "ghost", str(tmp_path / "x.raw"), "-t", repo)
+    forget = ["forget", "db01", "-t", repo, "--keep-last", "1", "--dry-run"]
+    res = subprocess.run([HYPERCTL, *forget], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(x["action"], x["result"]) for x in lines] == [("restore", "failed"), ("forget", "ok")]
+    assert "'ghost'" in lines[0]["error"] and lines[1]["what"]["policy"] == {"keep_last": 1}
+    assert AuditLog(log).verify().count == 2
+
+
 def test_unknown_and_malformed_export_ids_are_named(chains, tmp_path):
     repo = f"file://{chains.plain}"
     absent = chains.plain_ids[0][:-8] + "deadbeef"  # well-formed, no such point

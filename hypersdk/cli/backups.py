@@ -141,13 +141,21 @@ def restore(
     quiet: bool,
     as_json: bool,
 ) -> None:
+    from hypersdk import config
+    from hypersdk.audit import audited
     from hypersdk.repository.restore import restore_point
     from hypersdk.units import human
 
-    with _target(target) as t, progress_bar(not quiet and sys.stderr.isatty()) as bar:
+    what = {"vm": vm, "at": at, "out": os.path.abspath(out)}
+    with (
+        audited("restore", target=target or config.default_target_url(), what=what) as done,
+        _target(target) as t,
+        progress_bar(not quiet and sys.stderr.isatty()) as bar,
+    ):
         manifest, restored = restore_point(
             t, vm, at, out, output_format, key, progress=byte_counter(bar, "restore", None)
         )
+        done["export_id"] = manifest.export_id
     if as_json:
         click.echo(
             json.dumps(
@@ -213,8 +221,16 @@ def forget(
         )
     policy = RetentionPolicy.model_validate({k: v for k, v in keep.items() if v is not None})
     say = (lambda _line: None) if as_json else click.echo
-    with _target(target) as t:
+    from hypersdk import config
+    from hypersdk.audit import audited
+
+    what = {"vm": vm, "policy": policy.model_dump(exclude_none=True), "dry_run": dry_run}
+    with (
+        audited("forget", target=target or config.default_target_url(), what=what) as done,
+        _target(target) as t,
+    ):
         result = forget_points(t, vm, policy, key, dry_run=dry_run, say=say)
+        done["forgot"] = [] if dry_run else result.plan.forget_ids
     if as_json:
         click.echo(
             json.dumps(
