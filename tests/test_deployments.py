@@ -105,13 +105,19 @@ def _assert_registered(api: str) -> None:
                 "forget-backups/forget",
                 "verify-backups/verify",
                 "restore-vm/restore",
+                "estimate-cost/cost",
             )
         }
         forget = by_name["forget-backups/forget"]
         automations = client.read_resource_related_automations(f"prefect.deployment.{forget.id}")
     assert _schedules(by_name["backup-vm/nightly"]) == [("0 2 * * *", "UTC", True)]
     assert _schedules(by_name["verify-backups/verify"]) == [("0 4 * * 0", "UTC", True)]
-    for name in ("forget-backups/forget", "restore-vm/restore", "migrate-vm/on-demand"):
+    for name in (
+        "forget-backups/forget",
+        "restore-vm/restore",
+        "migrate-vm/on-demand",
+        "estimate-cost/cost",
+    ):
         assert _schedules(by_name[name]) == [], name
     assert forget.parameters == {
         "vm": "demo-vm",

@@ -154,6 +154,8 @@ def _warnings_to_stderr() -> None:
 @pass_env_opt
 @gpg_opt
 @json_opt
+@click.option("--estimate", is_flag=True, help="Show the storage cost first and ask (docs/cost.md)")
+@click.option("--yes", "-y", is_flag=True, help="With --estimate: do not ask")
 def migrate(
     vm: str | None,
     source: str | None,
@@ -167,7 +169,13 @@ def migrate(
     passphrase_env: str | None,
     gpg_recipient: str | None,
     as_json: bool,
+    estimate: bool = False,
+    yes: bool = False,
 ) -> None:
+    if estimate:
+        from hypersdk.cli.cost import confirm_migrate_cost
+
+        confirm_migrate_cost(vm, source, target, output_format, yes)
     params = dict(
         source=source,
         target=target,
