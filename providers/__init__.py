@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable
 from functools import cache
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from hypersdk.errors import InvalidParameterError
+from hypersdk.io import RangeReader
 from hypersdk.urls import SECRET_OPTIONS, check_url, is_secret_option, redact_url
 from providers.base import Source, Target
 
 __all__ = [
     "SECRET_OPTIONS",
+    "open_image_url",
     "open_source",
     "open_target",
     "source_classes",
@@ -42,6 +45,31 @@ def _discover(package: str, attr: str) -> dict[str, type]:
 @cache
 def source_classes() -> dict[str, type[Source]]:
     return _discover("providers.sources", "SOURCE")
+
+
+@cache
+def image_openers() -> dict[str, Callable[..., RangeReader]]:
+    """Image URL schemes (``ebs://``) a source module opens as raw guest bytes: its
+    ``IMAGE_OPENERS``, a dict of scheme -> ``opener(url, **options) -> RangeReader``."""
+    pkg = importlib.import_module("providers.sources")
+    found: dict[str, Callable[..., RangeReader]] = {}
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if not mod.name.startswith("_"):
+            module = importlib.import_module(f"providers.sources.{mod.name}")
+            found.update(getattr(module, "IMAGE_OPENERS", {}))
+    return found
+
+
+def open_image_url(url: str) -> RangeReader | None:
+    """A reader of the image ``url`` names when a source declares its scheme (``ebs://REGION/
+    SNAPSHOT_ID?endpoint_url=...``); None for a path or any other URL (a local image)."""
+    scheme = _scheme(url, "")
+    opener = image_openers().get(scheme) if scheme else None
+    if opener is None:
+        return None
+    check_url(url, "image URL")
+    url, options = split_options(url)
+    return opener(url, **options)
 
 
 @cache

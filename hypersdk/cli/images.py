@@ -42,6 +42,22 @@ def _policy(allow_outside: bool) -> ReferencePolicy | None:
     return ReferencePolicy(allow_outside=True) if allow_outside else None
 
 
+def _open(src: str, input_format: str | None, allow_outside: bool) -> DiskImage:
+    """A local image file, or an image URL a source declares (``ebs://REGION/SNAPSHOT``):
+    guest bytes, opened as raw (never probed as a container) unless ``-f`` says otherwise."""
+    from hypersdk.formats import get_driver, open_image
+    from providers import open_image_url
+
+    reader = open_image_url(src)
+    if reader is None:
+        return open_image(src, input_format, _policy(allow_outside))
+    try:
+        return get_driver(input_format or "raw").open(reader)
+    except BaseException:
+        reader.close()
+        raise
+
+
 def _shown(value: Any) -> Any:
     """``value`` with control characters escaped in every string (names come from images)."""
     from hypersdk.references import printable
@@ -81,12 +97,12 @@ def convert(
     allow_backing_outside: bool,
 ) -> None:
     from hypersdk.convert import convert_image
-    from hypersdk.formats import open_image, output_driver
+    from hypersdk.formats import output_driver
 
     options = parse_options(option)
     output_driver(output_format).check_options(options)
     with (
-        open_image(src, input_format, _policy(allow_backing_outside)) as image,
+        _open(src, input_format, allow_backing_outside) as image,
         progress_bar(not quiet and sys.stderr.isatty()) as bar,
     ):
         scan = byte_counter(bar, "scan", image.extents().defined_bytes if bar else None)
@@ -141,9 +157,7 @@ def info(image: str, input_format: str | None, as_json: bool, allow_backing_outs
     """Like ``qemu-img info --backing-chain``: 'allocated' counts what each image itself holds
     (a delta's own clusters, not its base's), and each backing image follows as its own entry
     (text: blocks after a blank line; JSON: the list ``backing_chain``)."""
-    from hypersdk.formats import open_image
-
-    with open_image(image, input_format, _policy(allow_backing_outside)) as img:
+    with _open(image, input_format, allow_backing_outside) as img:
         data = _describe(img, image)
         chain = []
         base = img.backing

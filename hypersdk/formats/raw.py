@@ -17,8 +17,9 @@ class RawImage(DiskImage):
     format = "raw"
 
     def extents(self) -> ExtentMap:
-        if isinstance(self.reader, FileRangeReader):
-            return self.reader.allocated()
+        allocated = getattr(self.reader, "allocated", None)  # files, EBS snapshots
+        if allocated is not None:
+            return allocated()
         return ExtentMap.full(self.virtual_size)
 
     def iter_extents(self) -> Iterator[Extent]:
