@@ -6,7 +6,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -302,17 +301,14 @@ def test_inventory_scale_few_round_trips(vcsim_factory):
 
         stub.InvokeMethod = counting
         try:
-            started = time.monotonic()
             vms = s.list_vms()
-            elapsed = time.monotonic() - started
         finally:
             del stub.InvokeMethod
     assert len(vms) == 1200 and all(v.disks for v in vms)
     # datacenters, then all VMs in one RetrievePropertiesEx (vcsim ignores maxObjects, so no
     # ContinueRetrievePropertiesEx here); the rest is the datacenter's path: nothing per VM
     assert calls.count("RetrievePropertiesEx") == 2, calls
-    assert len(calls) <= 12, calls
-    assert elapsed < 15
+    assert len(calls) <= 12, calls  # (its time is a benchmark's matter: benchmarks/vsphere)
 
 
 @pytest.mark.parametrize(
