@@ -50,6 +50,10 @@ class VMInfo(BaseModel):
     firmware: Literal["bios", "efi"] = "bios"
     guest_os: str | None = None
     power_state: PowerState = "unknown"
+    machine_type: str | None = Field(
+        default=None,
+        description="The cloud's size name: EC2 instance type, Azure VM size, GCE machine type",
+    )
     cbt_enabled: bool | None = None
     disks: list[DiskInfo] = Field(default_factory=list)
     nics: list[NicInfo] = Field(default_factory=list)

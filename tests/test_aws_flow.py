@@ -132,7 +132,10 @@ def test_cli_list_info_convert_and_bad_input(moto_aws, staged, tmp_path, qemu_im
     assert res.returncode == 0, res.stderr
     vm = next(v for v in json.loads(res.stdout) if v["name"] == name)
     assert vm["id"] == iid and [d["capacity"] for d in vm["disks"]] == [GiB, GiB]
-    assert vm["annotations"]["instance_type"] == "t3.medium"
+    assert vm["machine_type"] == vm["annotations"]["instance_type"] == "t3.medium"
+    table = hyperctl("vms", "list", "--source", moto_aws.source_url())
+    row = next(line for line in table.stdout.splitlines() if name in line)
+    assert "t3.medium" in row and "1.0 GiB" in row, table.stdout  # state, type, volumes, sizes
 
     snap = moto_aws.client("ec2").create_snapshot(VolumeId=vols["sda1"])["SnapshotId"]
     url = moto_aws.ebs_url(snap)

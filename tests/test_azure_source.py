@@ -71,7 +71,7 @@ def test_inventory(azure_rg):
             ("lun1", MiB, "web-data2"),
         ]
         assert (web.cpus, web.memory_mib, web.firmware, web.guest_os) == (2, 8192, "bios", "Linux")
-        assert web.power_state == "poweredOn" and web.annotations["vm_size"] == "Standard_D2s_v3"
+        assert web.power_state == "poweredOn" and web.machine_type == "Standard_D2s_v3"
         assert [n.network for n in web.nics] == ["web-nic0"]
         tl = vms["tl"]
         assert (tl.firmware, tl.cpus, tl.annotations["security_type"]) == (

@@ -60,7 +60,7 @@ def test_inventory(gcp_cloud):
         assert [d.name for d in web.disks] == ["web1-boot", "web1-data"]
         assert all(d.capacity == 1024**3 for d in web.disks)  # sizeGb, whole GiB
         assert web.nics[0].network == "default" and web.nics[0].adapter == "GVNIC"
-        assert web.annotations["machine_type"] == "n2-standard-2"
+        assert web.machine_type == web.annotations["machine_type"] == "n2-standard-2"
         old = vms["old1"]
         assert (old.cpus, old.memory_mib, old.firmware, old.power_state) == (
             2,

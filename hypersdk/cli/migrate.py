@@ -267,11 +267,12 @@ def vms_list(source: str | None, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("name", "power", "cpus", "memory", "disks", "CBT")
+    table = Table("name", "power", "type", "cpus", "memory", "disks", "CBT")
     for v in vms:
         table.add_row(
             v.name,
             v.power_state,
+            v.machine_type or "-",
             str(v.cpus),
             f"{v.memory_mib} MiB",
             ", ".join(f"{d.name} {human(d.capacity)}" for d in v.disks),

@@ -147,6 +147,7 @@ class Inventory:
             firmware=_firmware(inst),
             guest_os=inst.get("PlatformDetails") or inst.get("Platform"),
             power_state=_POWER.get(inst.get("State", {}).get("Name", ""), "unknown"),
+            machine_type=itype or None,
             cbt_enabled=True,  # EBS snapshots always know their changed blocks
             disks=disks,
             nics=nics,

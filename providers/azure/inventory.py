@@ -121,6 +121,7 @@ def vm_info(vm, disks: dict[str, object], sizes: dict[str, tuple[int, int]]) -> 
         firmware="efi" if security or gen2 else "bios",
         guest_os=_text(os_type) if os_type else None,
         power_state=power_state(vm),
+        machine_type=vm_size or None,
         disks=infos,
         nics=nics,
         annotations={k: v for k, v in annotations.items() if v},

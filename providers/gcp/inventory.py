@@ -75,6 +75,7 @@ def vm_info(instance: Any, machine: Any | None, disk_sizes: dict[str, int]) -> V
         firmware="efi" if is_uefi(instance, list(instance.disks)) else "bios",
         guest_os=None,
         power_state=_POWER.get(instance.status, "unknown"),
+        machine_type=last(instance.machine_type) or None,
         cbt_enabled=False,
         disks=disks,
         nics=nics,
