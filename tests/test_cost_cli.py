@@ -161,3 +161,32 @@ def test_migrate_estimate_asks_before_spending(tmp_path):
     assert "Go ahead and export?" in res.stderr
     assert "aborted" in res.stderr.splitlines()[-1]
     assert not (tmp_path / "home").exists() or not any((tmp_path / "home").rglob("*.qcow2"))
+
+
+def test_migrate_estimate_yes_goes_ahead(tmp_path, moto_s3, prefect_server):
+    """``--estimate --yes``: the estimate is printed, no question asked, and the export runs
+    to the S3 target (its manifest is there)."""
+    from tests.fixtures.moto_server import ACCESS_KEY, SECRET_KEY
+    from tests.points import make_vm
+
+    api, server_env = prefect_server
+    root, _ = make_vm(tmp_path)
+    bucket = moto_s3.new_bucket()
+    opts = f"endpoint_url={moto_s3.endpoint_url}&addressing_style=path&region=us-east-1"
+    target = f"s3://{bucket}/backups?{opts}"
+    env = {
+        **server_env,
+        "HYPERSDK_HOME": str(tmp_path / "home"),
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+    }
+    res = hyperctl(
+        "migrate", "db01", "--source", f"local://{root}", "--target", target,
+        "--estimate", "--yes", "--json", env=env,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "aws us-east-1 STANDARD, first 30 days:" in res.stderr
+    assert "Go ahead" not in res.stderr
+    done = json.loads(res.stdout)
+    keys = [o["Key"] for o in moto_s3.client().list_objects_v2(Bucket=bucket)["Contents"]]
+    assert f"backups/{done['manifest_key']}" in keys
