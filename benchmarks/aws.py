@@ -9,8 +9,9 @@ the test fixture's corrected EC2 snapshots), then read whole:
   nothing checked (the floor: what moto itself costs per block);
 - ``source, N in flight``: AwsSource.open_disk over the full export's planned extents, read in
   4 MiB pieces as the pipeline reads (each block's SHA-256 verified, N fetches in flight).
-moto runs in a thread of this process, so client and server share one GIL: on AWS the server
-side costs nothing here and more blocks in flight help much more than this shows.
+moto runs in a child process (the fixture's corrections applied there, the snapshot staged
+there), so the measured client does not share its GIL with the emulator: on AWS the server side
+costs nothing here and more blocks in flight help much more than this shows.
 """
 
 from __future__ import annotations
@@ -79,31 +80,51 @@ def _source_pass(url: str, instance: str, workers: int) -> tuple[float, int, str
             src.remove_snapshot(snap)
 
 
+def _serve(size_mib: int, conn) -> None:
+    """The child: a corrected moto server with the staged volume; sends (endpoint, instance,
+    volume), then serves until told to stop."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    from tests.fixtures.moto_aws import MotoAws, correct_moto
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    correct_moto()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        instance, vol = _stage(MotoAws(endpoint), size_mib)
+        conn.send((endpoint, instance, vol))
+        conn.recv()  # until the parent is done
+    finally:
+        server.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size-mib", type=int, default=1024)
     p.add_argument("--workers", default="1,4,16")
     args = p.parse_args(argv)
 
-    from moto.server import ThreadedMotoServer
+    import multiprocessing
 
-    from tests.fixtures.moto_aws import ACCESS_KEY, SECRET_KEY, MotoAws, correct_moto
+    from tests.fixtures.moto_aws import ACCESS_KEY, SECRET_KEY, MotoAws
 
     os.environ.update(
         AWS_ACCESS_KEY_ID=ACCESS_KEY,
         AWS_SECRET_ACCESS_KEY=SECRET_KEY,
         AWS_EC2_METADATA_DISABLED="1",
     )
-    correct_moto()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    server = ctx.Process(target=_serve, args=(args.size_mib, child), daemon=True)
     server.start()
-    import logging
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
     try:
-        host, port = server.get_host_and_port()
-        moto = MotoAws(f"http://{host}:{port}")
-        instance, vol = _stage(moto, args.size_mib)
+        endpoint, instance, vol = parent.recv()
+        moto = MotoAws(endpoint)
         url = moto.source_url(backoff=0.05)
         rows = []
         snap = moto.client("ec2").create_snapshot(VolumeId=vol)["SnapshotId"]
@@ -122,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{base / secs:11.2f}x"
             )
     finally:
-        server.stop()
+        parent.send("stop")
+        server.join(30)
+        if server.is_alive():
+            server.kill()
     return 0
 
 
