@@ -43,7 +43,10 @@ def main() -> int:
     print(deployed.stdout)
     if deployed.returncode != 0:
         print(deployed.stderr, file=sys.stderr)
-    return deployed.returncode
+        return deployed.returncode
+    from deployments.limits import main as fleet_limits  # per-endpoint limits (docs/fleet.md)
+
+    return fleet_limits([])
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from prefect.settings import PREFECT_UI_URL
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.callables import get_call_parameters
 
+from flows.endpoint_slots import endpoint_slots
 from flows.logs import route_engine_logs
 from flows.ops_hooks import attach_ops_hooks
 from flows.repo_slot import repository_slot
@@ -256,7 +257,9 @@ def run_export(req: ExportRequest) -> MigrationResult:
             )
         # what killed runs left (unfinished uploads, objects no manifest names) goes first
         clean_abandoned(lock_target, vm_name, lock, say=logger.info)
-        manifest, disks, results, location = _locked_export(req, vm_name, started)
+        # at most N exports read this source / write this target at once (flows/endpoint_slots)
+        with endpoint_slots(req.source, req.target, vm_name):
+            manifest, disks, results, location = _locked_export(req, vm_name, started)
     if req.verify:
         checked = verify(req.target, manifest_key(vm_name, manifest.export_id), req.encryption)
         logger.info(
