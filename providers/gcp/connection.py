@@ -104,7 +104,10 @@ def default_credentials():
     try:
         creds, _ = google.auth.default(scopes=SCOPES)
     except (DefaultCredentialsError, ValueError, OSError) as exc:
-        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first.split(". To set up", 1)[0]  # google-auth's own advice: ours follows
+        if len(first) > 160:  # a long reason ends at a word, not mid-word
+            first = first[:160].rsplit(" ", 1)[0] + "..."
         raise CredentialsError(
             f"GCP: no usable Application Default Credentials ({first}): set "
             "GOOGLE_APPLICATION_CREDENTIALS to a credentials file, or run "
