@@ -46,9 +46,12 @@ def _open(src: str, input_format: str | None, allow_outside: bool) -> DiskImage:
     """A local image file, or an image URL a source declares (``ebs://REGION/SNAPSHOT``):
     guest bytes, opened as raw (never probed as a container) unless ``-f`` says otherwise."""
     from hypersdk.formats import get_driver, open_image
-    from providers import open_image_url
 
-    reader = open_image_url(src)
+    reader = None
+    if "://" in src:  # only then the providers (pydantic, SDKs): a local convert stays light
+        from providers import open_image_url
+
+        reader = open_image_url(src)
     if reader is None:
         return open_image(src, input_format, _policy(allow_outside))
     try:
