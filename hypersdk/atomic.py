@@ -41,10 +41,9 @@ PUBLISHED_MODE = 0o644  # less the umask
 _TEMP_STEM_BYTES = 150  # of the final name kept in the temporary one: stays within 255 bytes
 
 
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Make a rename or a new name in ``path`` durable (best effort: some filesystems refuse)."""
+def _fsync_dir(path: str) -> None:
     with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
@@ -188,7 +187,7 @@ def atomic_file(path: str | os.PathLike, cache: str = "writeback") -> Iterator[F
             os.replace(tmp, path)
         published = True
         if cache != "unsafe":
-            fsync_dir(directory)
+            _fsync_dir(directory)
     finally:
         sink.close()
         if fd >= 0:
