@@ -41,9 +41,10 @@ PUBLISHED_MODE = 0o644  # less the umask
 _TEMP_STEM_BYTES = 150  # of the final name kept in the temporary one: stays within 255 bytes
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename or a new name in ``path`` durable (best effort: some filesystems refuse)."""
     with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.fsync(fd)
         finally:
@@ -187,7 +188,7 @@ def atomic_file(path: str | os.PathLike, cache: str = "writeback") -> Iterator[F
             os.replace(tmp, path)
         published = True
         if cache != "unsafe":
-            _fsync_dir(directory)
+            fsync_dir(directory)
     finally:
         sink.close()
         if fd >= 0:

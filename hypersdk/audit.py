@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from hypersdk import config
+from hypersdk.atomic import fsync_dir
 from hypersdk.errors import HyperSDKError
 from hypersdk.urls import redact_url
 
@@ -106,15 +107,6 @@ def who(flow_run_id: str | None = None) -> dict[str, Any]:
 
 def _utc_now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -196,7 +188,7 @@ class AuditLog:
         finally:
             os.close(fd)
         os.replace(tmp, self.head)
-        _fsync_dir(self.head.parent)
+        fsync_dir(self.head.parent)
 
     def _last_record(self, fd: int, size: int) -> dict[str, Any] | None:
         """The last line of a non-empty log, checked on its own (its hash), without reading the

@@ -20,7 +20,13 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from urllib.parse import unquote, urlsplit
 
-from hypersdk.atomic import atomic_file, check_cache_mode, temp_name, write_bytes_atomic
+from hypersdk.atomic import (
+    atomic_file,
+    check_cache_mode,
+    fsync_dir,
+    temp_name,
+    write_bytes_atomic,
+)
 from hypersdk.errors import InvalidParameterError, ObjectNotFoundError, TargetError
 from hypersdk.io import FileRangeReader, RangeReader, target_error
 from hypersdk.models import ObjectInfo
@@ -142,7 +148,7 @@ class LocalTarget(Target):
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-        _fsync_dir(os.path.dirname(path))
+        fsync_dir(os.path.dirname(path))
         return True
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
@@ -245,16 +251,6 @@ def _create_exclusive(path: str, data: bytes) -> bool:
     finally:
         os.close(fd)
     return True
-
-
-def _fsync_dir(path: str) -> None:
-    """Make the new name durable (best effort: some filesystems refuse fsync on directories)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 TARGET = LocalTarget
