@@ -69,10 +69,13 @@ def compare(
 
 
 def markdown_table(summary: pd.DataFrame, limit: int | None = None) -> str:
-    """The summary as a markdown table (USD, cents), the cheapest of each scenario in bold."""
-    head = ["scenario", "class", *CATEGORIES, "total"]
+    """The summary as a markdown table (USD, cents), the cheapest of each scenario in bold; the
+    scenario column only when there are several (one is the table's heading)."""
+    several = summary["scenario"].nunique() > 1
+    head = [*(["scenario"] if several else []), "class", *CATEGORIES, "total"]
+    text_columns = len(head) - len(CATEGORIES) - 1
     lines = ["| " + " | ".join(h.replace("_", " ") for h in head) + " |"]
-    lines.append("|" + "---|" * 2 + "---:|" * (len(head) - 2))
+    lines.append("|" + "---|" * text_columns + "---:|" * (len(head) - text_columns))
     rows = summary if limit is None else summary.groupby("scenario").head(limit)
     for r in rows.to_dict("records"):
         red = "" if r["redundancy"] in ("-", "*") else f" {r['redundancy']}"
@@ -80,7 +83,9 @@ def markdown_table(summary: pd.DataFrame, limit: int | None = None) -> str:
         cells = [f"{r[c]:,.2f}" for c in (*CATEGORIES, "total")]
         if r["cheapest"]:
             label, cells[-1] = f"**{label}** (cheapest)", f"**{cells[-1]}**"
-        lines.append("| " + " | ".join([r["scenario"], label, *cells]) + " |")
+        lines.append(
+            "| " + " | ".join([*([r["scenario"]] if several else []), label, *cells]) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
