@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import uuid
 from pathlib import Path
 
@@ -16,11 +15,11 @@ import pytest
 
 from hypersdk.errors import HyperSDKError
 from tests import qemu
+from tests.cli_run import hyperctl, one_line_error
 from tests.fixtures.moto_aws import BLOCK, GiB
 from tests.points import assert_point_equals
 
 pytestmark = pytest.mark.usefixtures("aws_env")
-HYPERCTL = str(Path(sys.executable).with_name("hyperctl"))
 
 
 def _block() -> bytes:
@@ -108,22 +107,6 @@ def test_backup_full_incremental_failures(prefect_api, moto_aws, staged, tmp_pat
     with pytest.raises(HyperSDKError):
         backup_vm(vm=name, source=source, target=f"file://{blocked}")
     assert {s["SnapshotId"] for s in moto_aws.tool_snapshots(iid)} == kept
-
-
-def hyperctl(*args, env=None):
-    import subprocess
-
-    return subprocess.run(
-        [HYPERCTL, *map(str, args)], capture_output=True, text=True, env=env, timeout=300
-    )
-
-
-def one_line_error(res, *needles):
-    assert res.returncode != 0, res.stdout
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def test_cli_list_info_convert_and_bad_input(moto_aws, staged, tmp_path, qemu_img):

@@ -16,29 +16,9 @@ import pytest
 from hypersdk.imagegen import write_realistic_disk
 from providers.sources.local import create_vm
 from tests import qemu
+from tests.cli_run import HYPERCTL, hyperctl, one_line_error
 
-HYPERCTL = str(Path(sys.executable).with_name("hyperctl"))
 MiB = 1024 * 1024
-
-
-def hyperctl(*args, env=None, preexec_fn=None, timeout=300):
-    return subprocess.run(
-        [HYPERCTL, *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        preexec_fn=preexec_fn,
-        timeout=timeout,
-    )
-
-
-def one_line_error(res, *needles):
-    assert res.returncode != 0, res.stdout
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-    assert "Traceback" not in res.stderr
 
 
 def leftovers(directory: Path) -> list[str]:

@@ -5,30 +5,18 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests import cli_run
+from tests.cli_run import one_line_error
 from tests.fixtures.tools import need_tool
-
-HYPERCTL = str(Path(sys.executable).with_name("hyperctl"))
 
 
 def hyperctl(*args, env=None):
-    full = dict(os.environ, **(env or {}))
-    return subprocess.run(
-        [HYPERCTL, *map(str, args)], capture_output=True, text=True, env=full, timeout=120,
-        stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-
-
-def one_line_error(res, *needles):
-    assert res.returncode != 0, res.stdout
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
+    """``hyperctl ARGS`` with ``env`` added to ours."""
+    return cli_run.hyperctl(*args, env=dict(os.environ, **(env or {})), timeout=120)
 
 
 def nothing_published(directory: Path, name: str) -> None:

@@ -8,33 +8,12 @@ import csv
 import io
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-HYPERCTL = str(Path(sys.executable).with_name("hyperctl"))
+from tests.cli_run import hyperctl, one_line_error
+
 S3 = ["--provider", "aws", "--class", "STANDARD", "--region", "us-east-1"]
-
-
-def hyperctl(*args, stdin: str | None = None, env=None):
-    return subprocess.run(
-        [HYPERCTL, *map(str, args)],
-        capture_output=True,
-        text=True,
-        input=stdin,
-        env=env,
-        timeout=120,
-    )
-
-
-def one_line_error(res, *needles):
-    assert res.returncode != 0, res.stdout
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def test_estimate_json_has_breakdown_and_total():

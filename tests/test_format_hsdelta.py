@@ -561,7 +561,7 @@ def test_the_delta_format_is_never_an_output_format(tmp_path):
     from flows.params import WRITABLE_FORMATS
     from hypersdk.errors import InvalidParameterError
     from hypersdk.requests import validate_request
-    from tests.test_cli import hyperctl, one_line_error
+    from tests.cli_run import hyperctl, one_line_error
 
     assert "hsdelta" not in WRITABLE_FORMATS and "qcow2" in WRITABLE_FORMATS
     with pytest.raises(InvalidParameterError, match="delta format"):

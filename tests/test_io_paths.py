@@ -21,7 +21,7 @@ from hypersdk.formats import open_image
 from hypersdk.imagegen import write_realistic_disk
 from hypersdk.io import FileRangeReader, read_pieces
 from tests import qemu
-from tests.test_cli import hyperctl, one_line_error
+from tests.cli_run import hyperctl, one_line_error
 
 KiB, MiB = 1024, 1024 * 1024
 
