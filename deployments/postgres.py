@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from deployments.processes import stop_pid
+
 PG_BIN = Path(os.environ.get("HYPERSDK_PG_BIN", "/usr/lib/postgresql/15/bin"))
 ROLE = "prefect"
 DATABASE = "prefect"
@@ -199,15 +201,7 @@ class Cluster:
         pid = self.pid()
         if pid is None:
             return
-        os.kill(pid, signal.SIGINT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.1)
-        os.kill(pid, signal.SIGKILL)
+        stop_pid(pid, timeout, sig=signal.SIGINT, group=False)
 
     def log_tail(self) -> str:
         try:

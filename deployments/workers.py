@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+
+from deployments.processes import stop_pid
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 WORK_POOL = "hypersdk-local"
@@ -67,7 +68,7 @@ def worker_env(api_url: str, base: dict | None = None, **extra: str) -> dict[str
             "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS),
             "HYPERSDK_REQUIRE_LIMITS": "1",
             "HYPERSDK_CHECKOUT": str(CHECKOUT),
-            # `python` in a deployment's command (deployments/fleet.yaml) is this venv's
+            # `python` in a deployment's command (prefect.yaml's fleet-member) is this venv's
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
         }
     )
@@ -120,24 +121,6 @@ def start_worker(
         log,
         cwd,
     )
-
-
-def stop_pid(pid: int, timeout: float = 20) -> None:
-    """SIGTERM ``pid``'s process group (a worker's own children), SIGKILL if it lingers."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        with contextlib.suppress(ChildProcessError):
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
 
 
 def main(argv: list[str] | None = None) -> int:
