@@ -23,6 +23,7 @@ import pandas as pd
 
 from hypersdk.errors import InvalidParameterError
 from hypersdk.references import printable
+from hypersdk.smallfile import UnreadableFile, read_small_file
 
 COLUMNS = (
     "provider",
@@ -225,14 +226,11 @@ def read_file(path: str | Path) -> pd.DataFrame:
     """A user's pricing file, bounded in size, validated."""
     p = Path(path)
     try:
-        size = p.stat().st_size
-        if not p.is_file():
-            raise _fail(str(p), "not a regular file")
-        if size > MAX_FILE_BYTES:
-            raise _fail(str(p), f"{size} bytes is too large for a price list")
-        text = p.read_bytes().decode("utf-8-sig")
-    except OSError as exc:
-        raise _fail(str(p), exc.strerror or str(exc)) from None
+        text = read_small_file(p, MAX_FILE_BYTES).decode("utf-8-sig")
+    except FileNotFoundError:
+        raise _fail(str(p), "no such file") from None
+    except UnreadableFile as exc:
+        raise _fail(str(p), str(exc)) from None
     except UnicodeDecodeError:
         raise _fail(str(p), "not UTF-8 text") from None
     return parse(text, str(p))

@@ -24,10 +24,12 @@ from typing import Any
 
 from hypersdk import config
 from hypersdk.errors import CredentialsError, InvalidParameterError
+from hypersdk.smallfile import UnreadableFile, read_small_file
 from hypersdk.urls import check_url
 
 ENV_FILE = "HYPERSDK_WEBHOOKS"
 ENV_BLOCK = "HYPERSDK_WEBHOOKS_BLOCK"
+MAX_CONFIG_BYTES = 1 << 20  # a few endpoints: a larger file is not a configuration
 EVENTS = ("job.started", "job.progress", "job.completed", "job.failed")
 _KEYS = {"name", "url", "secret_env", "secret_block", "events", "timeout"}
 
@@ -124,12 +126,12 @@ def load_endpoints(path: str | os.PathLike[str] | None = None) -> list[Endpoint]
         return parse_endpoints(_load_block(block), f"Prefect block {block!r}")
     file = Path(path) if path is not None else default_file()
     try:
-        data = tomllib.loads(file.read_text(encoding="utf-8"))
+        data = tomllib.loads(read_small_file(file, MAX_CONFIG_BYTES).decode("utf-8"))
     except FileNotFoundError:
         if path is not None:
             raise InvalidParameterError(f"{file}: no such webhooks file") from None
         return []
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+    except (UnreadableFile, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise InvalidParameterError(f"{file}: not a webhooks TOML file ({exc})") from None
     return parse_endpoints(data, str(file))
 

@@ -58,6 +58,7 @@ from hypersdk.io import FileRangeReader
 from hypersdk.models import DiskInfo, Snapshot, SnapshotDisk, VMInfo
 from hypersdk.names import is_export_id, safe_component
 from hypersdk.references import ReferencePolicy, printable, require_regular, resolve_reference
+from hypersdk.smallfile import UnreadableFile, read_small_file
 from providers.base import DiskChanges, Progress, Source
 
 DESCRIPTION = "vm.json"
@@ -74,28 +75,11 @@ def _read_description(vm_dir: Path) -> bytes:
     would hang or never end)."""
     path = vm_dir / DESCRIPTION
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return read_small_file(path, MAX_DESCRIPTION)
     except FileNotFoundError:
         raise VMNotFoundError(f"{vm_dir}: no {DESCRIPTION} (not a VM directory)") from None
-    except OSError as exc:
-        raise SourceError(f"{path}: cannot read VM description: {exc.strerror}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise SourceError(f"{path}: VM description is not a regular file")
-        chunks, got = [], 0
-        while got <= MAX_DESCRIPTION:
-            chunk = os.read(fd, MAX_DESCRIPTION + 1 - got)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            got += len(chunk)
-    except OSError as exc:
-        raise SourceError(f"{path}: cannot read VM description: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    if got > MAX_DESCRIPTION:
-        raise SourceError(f"{path}: VM description is larger than {MAX_DESCRIPTION} bytes")
-    return b"".join(chunks)
+    except UnreadableFile as exc:
+        raise SourceError(f"{path}: VM description refused: {exc}") from None
 
 
 def load_vm(vm_dir: Path) -> VMInfo:
