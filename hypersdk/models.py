@@ -8,13 +8,19 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+MAX_DISK_BYTES = 1 << 50
+"""1 PiB: beyond every hypervisor's and cloud's largest disk (64 TiB) and every format's. A size
+above it from a source (an API, a vm.json) is refused, never planned (maps, tables, allocations
+sized by it)."""
+
+
 class DiskInfo(BaseModel):
     """One virtual disk of a VM as the source describes it."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="Stable name within the VM, e.g. 'disk0' or 'scsi0:0'")
-    capacity: int = Field(ge=0, description="Virtual size in bytes")
+    capacity: int = Field(ge=0, le=MAX_DISK_BYTES, description="Virtual size in bytes")
     key: str | None = Field(
         default=None, description="Source-specific id (vSphere device key, volume id)"
     )

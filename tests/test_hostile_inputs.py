@@ -72,6 +72,18 @@ def test_deeply_nested_vm_json_is_one_line(vm_root):
     assert "Traceback" not in res.stderr
 
 
+def test_an_absurd_disk_size_is_refused_before_anything_is_planned(vm_root):
+    """A vm.json (or a cloud API) claiming a 2**70-byte disk: refused at the description, in
+    one line, under the memory limit (no map or table is ever sized by it)."""
+    path = vm_root / "web01" / "vm.json"
+    desc = json.loads(path.read_text())
+    desc["disks"][0]["capacity"] = 2**70
+    path.write_text(json.dumps(desc))
+    res = run_child(LIST_VMS, vm_root)
+    assert res.returncode == 0 and res.stdout.startswith("refused:"), res.stdout + res.stderr
+    assert "capacity" in res.stdout and len(res.stdout.splitlines()) == 1, res.stdout
+
+
 def test_vm_json_fifo_does_not_hang(vm_root):
     """Listing skips a directory whose vm.json is no file; reading one directly must not wait
     for a writer either."""
