@@ -23,6 +23,7 @@ from typing import ClassVar, Protocol
 from hypersdk.errors import InvalidParameterError
 from hypersdk.extents import Extent, ExtentMap
 from hypersdk.io import RangeReader, Sink
+from hypersdk.options import reject_unknown_options
 
 Progress = Callable[[int], None]
 
@@ -165,12 +166,7 @@ class FormatDriver(ABC):
     def check_options(self, options: Mapping[str, str] | None) -> dict[str, str]:
         """Reject option names this driver does not know, with the list it does."""
         options = dict(options or {})
-        unknown = sorted(set(options) - set(self.option_names))
-        if unknown:
-            known = ", ".join(self.option_names) or "none"
-            raise InvalidParameterError(
-                f"format {self.name!r} has no option {', '.join(unknown)} (known: {known})"
-            )
+        reject_unknown_options(f"format {self.name!r}", options, self.option_names)
         return options
 
 

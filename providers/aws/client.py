@@ -31,6 +31,7 @@ from hypersdk.errors import (
     SourceError,
     VMNotFoundError,
 )
+from hypersdk.options import reject_unknown_options
 from hypersdk.urls import redact_url
 from providers.aws.errors import ThrottledError
 
@@ -149,11 +150,7 @@ class Settings:
 
     @classmethod
     def from_options(cls, region: str, options: dict, what: str) -> Settings:
-        unknown = sorted(set(options) - OPTIONS)
-        if unknown:
-            raise InvalidParameterError(
-                f"{what} has no option {', '.join(unknown)} (known: {', '.join(sorted(OPTIONS))})"
-            )
+        reject_unknown_options(what, options, OPTIONS)
         s = cls(check_region(region))
         if options.get("endpoint_url"):
             s.endpoint_url = str(options["endpoint_url"])

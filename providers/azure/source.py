@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlsplit
 from hypersdk.errors import InvalidParameterError, SnapshotError, SourceError
 from hypersdk.extents import ExtentMap
 from hypersdk.models import DiskInfo, Snapshot, SnapshotDisk, VMInfo
+from hypersdk.options import reject_unknown_options
 from providers.azure import pages, snapshots
 from providers.azure.connection import _GUID, Settings, _arm_code, arm_errors, compute_client
 from providers.azure.inventory import _get, disk_refs, vm_info
@@ -64,12 +65,7 @@ class AzureSource(Source):
 
     @classmethod
     def from_url(cls, url: str, **options) -> AzureSource:
-        unknown = sorted(set(options) - _OPTIONS)
-        if unknown:
-            raise InvalidParameterError(
-                f"azure source has no option {', '.join(unknown)} "
-                f"(known: {', '.join(sorted(_OPTIONS))})"
-            )
+        reject_unknown_options("azure source", options, _OPTIONS)
         parts = urlsplit(url)
         if parts.scheme.lower() != "azure" or parts.username or parts.password:
             raise InvalidParameterError("expected azure://SUBSCRIPTION-ID/RESOURCE_GROUP")

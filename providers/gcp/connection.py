@@ -23,6 +23,7 @@ from hypersdk.errors import (
     SourceError,
     VMNotFoundError,
 )
+from hypersdk.options import reject_unknown_options
 
 SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
 COMPUTE_API = "https://compute.googleapis.com"
@@ -62,12 +63,7 @@ class GcpOptions:
                 "gcp://my-project/europe-west1-b)"
             )
         known = set(cls.__dataclass_fields__) - {"project", "zone"}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise InvalidParameterError(
-                f"gcp source: unknown option(s) {', '.join(unknown)} (known: "
-                f"{', '.join(sorted(known))})"
-            )
+        reject_unknown_options("gcp source", options, known)
         values: dict[str, Any] = {}
         for name, value in options.items():
             kind = cls.__dataclass_fields__[name].type

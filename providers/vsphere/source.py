@@ -29,6 +29,7 @@ from hypersdk.errors import (
 )
 from hypersdk.extents import ExtentMap
 from hypersdk.models import DiskInfo, Snapshot, VMInfo
+from hypersdk.options import reject_unknown_options
 from providers.base import DiskChanges, Progress, Source
 from providers.vsphere import cbt, snapshots
 from providers.vsphere.connection import (
@@ -107,11 +108,7 @@ class VSphereSource(Source):
 
     @classmethod
     def from_url(cls, url: str, **options) -> VSphereSource:
-        unknown = sorted(set(options) - _OPTIONS)
-        if unknown:
-            raise InvalidParameterError(
-                f"vsphere source has no option {', '.join(unknown)} (known: {', '.join(sorted(_OPTIONS))})"
-            )
+        reject_unknown_options("vsphere source", options, _OPTIONS)
         parts = urlsplit(url)
         if parts.scheme.lower() != "vsphere":
             raise InvalidParameterError(f"not a vsphere:// URL: {parts.scheme}://...")
