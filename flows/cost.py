@@ -1,10 +1,11 @@
 """estimate_cost: a workload (typed, or measured from a backup chain) priced in every class,
 published as a table artifact (one row per class, cheapest first) and a markdown artifact with
-the comparison and a link to the chart of cumulative cost (a PNG written next to the exports).
+the comparison and the chart of cumulative cost inline (also a PNG under $HYPERSDK_HOME/cost).
 The work is hypersdk.cost; this flow gives it the run's logs and the artifacts."""
 
 from __future__ import annotations
 
+import base64
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,6 +21,12 @@ SizeGb = Annotated[float | None, Field(ge=0, le=1e9)]
 Days = Annotated[int, Field(ge=1, le=36500)]
 
 route_engine_logs()
+
+
+def _data_uri(png: Path) -> str:
+    """The chart inline: the UI shows a markdown artifact's data-URI image (a file:// link to
+    the worker's disk would open nothing in a browser)."""
+    return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
 
 
 def _chart_dir() -> Path:
@@ -94,7 +101,8 @@ def estimate_cost(
     create_markdown_artifact(
         f"# Cost of {workload.label}\n\n"
         + markdown_table(summary)
-        + f"\nChart of cumulative cost per class: [{png.name}]({png.as_uri()})\n\n"
+        + f"\n![Cumulative cost per class]({_data_uri(png)})\n\n"
+        + f"The chart is also at `{png}` on the worker.\n\n"
         "Prices: built-in price book (a source URL and date on every row"
         + (f", overridden by {pricing_file}" if pricing_file else "")
         + "); months of 30 days; see docs/cost.md.\n",

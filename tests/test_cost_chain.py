@@ -5,6 +5,7 @@ table, markdown and chart artifacts."""
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import pytest
@@ -111,4 +112,7 @@ def test_estimate_cost_flow_publishes_table_markdown_and_chart(prefect_api, hs_h
     md = arts["markdown"][0].data
     pngs = list((hs_home / "cost").glob("cost-*.png"))
     assert len(pngs) == 1 and pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert pngs[0].as_uri() in md and "(cheapest)" in md
+    assert str(pngs[0]) in md and "(cheapest)" in md
+    # the chart itself is in the artifact (the UI draws it), byte for byte
+    inline = md.split("](data:image/png;base64,", 1)[1].split(")", 1)[0]
+    assert base64.b64decode(inline) == pngs[0].read_bytes()
