@@ -49,5 +49,6 @@ stop: $(STAMP)
 deploy: $(STAMP)
 	PREFECT_API_URL=$(PREFECT_API_URL) $(PY) -m deployments.bootstrap
 
+# the venv first on PATH: fleet-member runs start `python -m prefect.engine` (prefect.yaml)
 worker: $(STAMP)
-	PREFECT_API_URL=$(PREFECT_API_URL) $(VENV)/bin/prefect worker start --pool hypersdk-local
+	PATH="$(abspath $(VENV))/bin:$$PATH" PREFECT_API_URL=$(PREFECT_API_URL) $(VENV)/bin/prefect worker start --pool hypersdk-local

@@ -1,4 +1,5 @@
-"""Create the work pool and deploy every deployment in prefect.yaml, pointing them at this checkout.
+"""Create the work pool and its priority queues (deployments/queues.py), and deploy every
+deployment in prefect.yaml, pointing them at this checkout.
 
 Usage: ``python -m deployments.bootstrap`` (what ``make deploy`` runs) with PREFECT_API_URL set to a
 running server. Idempotent: re-running updates the deployments.
@@ -37,6 +38,10 @@ def main() -> int:
         if created.returncode != 0:
             print(created.stdout + created.stderr, file=sys.stderr)
             return created.returncode
+    from deployments.queues import main as work_queues  # urgent, default, bulk
+
+    if (queued := work_queues()) != 0:
+        return queued
     deployed = prefect(
         "--no-prompt", "deploy", "--all", "--prefect-file", str(CHECKOUT / "prefect.yaml"), env=env
     )

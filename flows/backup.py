@@ -11,8 +11,10 @@ from flows.params import (
     FullEvery,
     SourceUrl,
     TargetUrl,
+    TimeWindow,
     VmName,
 )
+from flows.window import wait_for_window
 from hypersdk.summary import MigrationResult
 
 DOC = (
@@ -34,7 +36,9 @@ def backup_vm(
     full_every: FullEvery = 7,
     encryption: EncryptionRef = None,
     verify: bool = True,
+    window: TimeWindow = None,
 ) -> MigrationResult:
+    wait_for_window(window)  # outside it: rescheduled to its opening, or waits (flows/window)
     req = request_from("backup-vm", locals())
     result = run_export(req)
     print(f"{result.kind} backup of {result.vm}: {result.manifest}")

@@ -28,6 +28,8 @@ from flows.endpoint_slots import endpoint_slots
 from flows.logs import route_engine_logs
 from flows.ops_hooks import attach_ops_hooks
 from flows.repo_slot import repository_slot
+from flows.stopping import stoppable
+from hypersdk import cancel
 from hypersdk.formats import extension_for, get_driver
 from hypersdk.manifest import DiskManifest, ExportManifest, ParentLink
 from hypersdk.repository import (
@@ -42,6 +44,7 @@ from hypersdk.repository.locks import RepositoryLock, default_owner
 from hypersdk.requests import ExportRequest, validate_request
 from hypersdk.summary import DiskResult, MigrationResult, render_markdown
 from hypersdk.units import human
+from hypersdk.windows import check_window
 from providers import open_target
 from providers.preflight import preflight
 from tasks.cbt import changed_extents
@@ -92,6 +95,8 @@ def export_flow(name: str, doc: str) -> Callable[[Callable], ExportFlow]:
 def request_from(flow_name: str, params: dict[str, Any]) -> ExportRequest:
     """The validated request behind a flow's parameters."""
     params = dict(params)
+    # the run's time window says when, not what: checked here, enforced by flows/window.py
+    check_window(params.pop("window", None))
     if flow_name == "backup-vm":
         params["incremental"] = True
     return validate_request(**params)
@@ -229,7 +234,13 @@ def _export_package(req, snap, vm_name, target) -> tuple[list, list]:
 
 
 def run_export(req: ExportRequest) -> MigrationResult:
-    """Run the pipeline for one VM (called inside a flow)."""
+    """Run the pipeline for one VM (called inside a flow). A stop (cancelled from the UI or the
+    API, SIGTERM, Ctrl-C) ends it within seconds, cleaned up (flows/stopping.py)."""
+    with stoppable("the export"):
+        return _run_export(req)
+
+
+def _run_export(req: ExportRequest) -> MigrationResult:
     logger = get_run_logger()
     started = time.perf_counter()
     vm_name = check_request(req)
@@ -260,6 +271,10 @@ def run_export(req: ExportRequest) -> MigrationResult:
         # at most N exports read this source / write this target at once (flows/endpoint_slots)
         with endpoint_slots(req.source, req.target, vm_name):
             manifest, disks, results, location = _locked_export(req, vm_name, started)
+    cancel.leaves(
+        f"export {manifest.export_id} of {vm_name} was published ({location}); "
+        "its verification did not finish (hyperctl verify checks it)"
+    )
     if req.verify:
         checked = verify(req.target, manifest_key(vm_name, manifest.export_id), req.encryption)
         logger.info(
@@ -315,7 +330,10 @@ def _locked_export(req: ExportRequest, vm_name: str, started: float):
         location = publish_manifest(req.target, manifest)
         logger.info("manifest published: %s", location)
     finally:
-        release_snapshot(req.source, snap)
+        if cancel.requested():  # stopping: at once, no task run, no retries to wait for
+            release_snapshot.fn(req.source, snap)
+        else:
+            release_snapshot(req.source, snap)
         logger.info("snapshot %s removed", snap.id)
     return manifest, disks, results, location
 

@@ -16,12 +16,23 @@ objects). A child that ends Failed is not re-run here: its tasks already retried
 can heal. ``redo_failed_of=<fleet run id>`` re-runs an earlier fleet run with its parameters,
 skipping every VM whose export completed in it (or in the fleet runs it re-did).
 
+Each child goes to the work queue its ``priority`` names (urgent, default, bulk: the queues
+of the ``hypersdk-local`` pool, created by the deploy step) and gets the fleet's ``window``.
+
+Cancelling the fleet run cancels its children: Prefect 3.9 moves a deployment child to
+Cancelling only once its parent is Cancelled, and a fleet run started outside a worker is never
+taken from Cancelling to Cancelled by anyone. So the fleet watches its own state: at
+Cancelling it starts no further child and cancels each one not final (Scheduled: Cancelled at
+once; Pending or Running: Cancelling, which its worker acts on), waits for them, and ends
+Cancelled. The ``on_cancellation`` hook does the same when a worker kills the fleet's process.
+
 The fleet ends with one table artifact (VM, kind, bytes, duration, state, attempts, run), and in
-Failed when any VM did not complete.
+Failed when any VM did not complete (Cancelled when the fleet run was cancelled).
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import threading
 import time
@@ -31,10 +42,19 @@ from typing import Annotated, Any
 
 from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_table_artifact
-from prefect.states import Completed, Failed
+from prefect.states import Cancelled, Cancelling, Completed, Failed
 from pydantic import Field
 
-from flows.params import EncryptionRef, FormatName, FormatOptions, FullEvery, SourceUrl, TargetUrl
+from flows.params import (
+    EncryptionRef,
+    FormatName,
+    FormatOptions,
+    FullEvery,
+    Priority,
+    SourceUrl,
+    TargetUrl,
+    TimeWindow,
+)
 from hypersdk.errors import InvalidParameterError
 from hypersdk.fleet import Selector, plan_groups, select_vms
 from hypersdk.units import human
@@ -50,6 +70,8 @@ Groups = list[list[str]]
 MaxParallel = Annotated[int, Field(ge=1, le=500)]
 Attempts = Annotated[int, Field(ge=1, le=10)]
 PendingTimeout = Annotated[int, Field(ge=10, le=86400)]
+CANCEL_WAIT = 300.0  # seconds a cancelled fleet waits for its children to be final
+CANCELLED_BY_FLEET = "The fleet run was cancelled."
 
 FLEET_DOCS = """
         vms: The VMs, by name (or give ``select``).
@@ -65,6 +87,10 @@ FLEET_DOCS = """
             before it counts as crashed (its worker died at that moment).
         redo_failed_of: The id of an earlier fleet run: run it again with its own parameters,
             skipping the VMs that completed.
+        priority: The work queue each child runs on: "urgent" (taken first), "default" or
+            "bulk" (taken last).
+        window: The time window each child may run in (passed to each VM's run; see
+            docs/scheduling.md). Empty: none.
         source: Source URL (see backup-vm). target: Target URL. format, encryption, verify:
             passed to each VM's run.
 """
@@ -84,6 +110,33 @@ def _children(client, fleet_run_id: str) -> list:
         runs += page
         if len(page) < PAGE:
             return runs
+
+
+def cancel_child(client, run, message: str = CANCELLED_BY_FLEET) -> bool:
+    """Cancel one child run not final: Cancelled when no worker has it yet (Scheduled),
+    Cancelling otherwise (its worker stops the process, then marks it Cancelled). True if a
+    state was set."""
+    state = run.state
+    if state is None or state.is_final() or state.is_cancelling():
+        return False
+    new = Cancelled(message=message) if state.is_scheduled() else Cancelling(message=message)
+    client.set_flow_run_state(run.id, new, force=True)
+    return True
+
+
+def cancel_children(client, fleet_run_id: str) -> int:
+    """Cancel every child of a fleet run that is not final; how many were."""
+    return sum(cancel_child(client, c) for c in _children(client, fleet_run_id))
+
+
+def _on_cancellation(flow, flow_run, state) -> None:
+    """on_cancellation hook: a worker is stopping the fleet's process; its children (other
+    processes, maybe other machines) would run on without this."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        n = cancel_children(client, str(flow_run.id))
+    get_run_logger().info("fleet run cancelled: %d child run(s) cancelled", n)
 
 
 def completed_vms(client, fleet_run_id: str) -> tuple[dict[str, Any], set[str]]:
@@ -121,9 +174,12 @@ class _Fleet:
         attempts: int,
         target: str | None,
         pending_timeout: float,
+        priority: str = "default",
     ):
         self.kind, self.deployment, self.base = kind, deployment, base
-        self.pending_timeout = pending_timeout
+        self.pending_timeout, self.priority = pending_timeout, priority
+        self.cancelled = threading.Event()  # the fleet run was cancelled
+        self.done = threading.Event()  # the fleet has ended: stop watching
         self.attempts, self.target = attempts, target
         self.fleet_id = str(runtime.flow_run.id or uuid.uuid4())
         self.logger = get_run_logger()
@@ -135,7 +191,7 @@ class _Fleet:
         summary row. Never raises: a VM whose run cannot even be created is a Failed row."""
         try:
             run, attempt = self._attempts(vm)
-            row = self._row(vm, run, attempt)
+            row = self._row(vm, run, attempt) if run is not None else not_started(vm)
         except Exception as exc:  # noqa: BLE001 - one VM must not stop the others
             row = {
                 "vm": vm,
@@ -160,20 +216,21 @@ class _Fleet:
 
         attempt, run = 0, None
         with get_client(sync_client=True) as client:
-            while attempt < self.attempts:
+            while attempt < self.attempts and not self.cancelled.is_set():
                 attempt += 1
                 run = run_deployment(
                     self.deployment,
                     parameters={**self.base, "vm": vm},
                     timeout=0,
                     as_subflow=True,
+                    work_queue_name=self.priority,
                     tags=[f"fleet:{self.fleet_id}"],
                     flow_run_name=vm if attempt == 1 else f"{vm} (attempt {attempt})",
                     idempotency_key=f"fleet:{self.fleet_id}:{vm}:{attempt}",
                 )
                 self.logger.info("%s: flow run %s (%s)", vm, run.name, run.id)
                 run = self._wait(client, run)
-                if not run.state.is_crashed():
+                if not run.state.is_crashed() or self.cancelled.is_set():
                     break
                 self.logger.warning(
                     "%s: run %s crashed (%s)%s",
@@ -185,19 +242,33 @@ class _Fleet:
         return run, attempt
 
     def _wait(self, client, run):
-        """Poll until the run is final; an API hiccup is waited out (READ_ERRORS in a row)."""
-        errors = 0
+        """Poll until the run is final; an API hiccup is waited out (READ_ERRORS in a row).
+        Once the fleet is cancelled: cancel the run, then wait at most CANCEL_WAIT for it."""
+        errors, cancel_deadline = 0, None
         while run.state is None or not run.state.is_final():
-            time.sleep(POLL_SECONDS)
+            if cancel_deadline is None:
+                self.cancelled.wait(POLL_SECONDS)  # a cancel is acted on at once
+            else:
+                time.sleep(POLL_SECONDS)
+            if cancel_deadline is not None and time.monotonic() > cancel_deadline:
+                self.logger.warning("run %s: not final %.0f s after cancel", run.id, CANCEL_WAIT)
+                break
             try:
                 run = client.read_flow_run(run.id)
-                self._crash_if_stuck(client, run)
+                if self.cancelled.is_set():
+                    if cancel_deadline is None:
+                        cancel_child(client, run)
+                        cancel_deadline = time.monotonic() + CANCEL_WAIT
+                else:
+                    self._crash_if_stuck(client, run)
                 errors = 0
             except Exception as exc:  # noqa: BLE001 - the server may be restarting
                 errors += 1
                 if errors >= READ_ERRORS:
                     raise
                 self.logger.warning("cannot read flow run %s (%s): retrying", run.id, exc)
+                if self.cancelled.is_set():
+                    time.sleep(POLL_SECONDS)  # the wait above no longer waits
         return run
 
     def _crash_if_stuck(self, client, run) -> None:
@@ -216,6 +287,24 @@ class _Fleet:
             Crashed(message=f"Pending for {age:.0f} s: its worker never started it"),
             force=True,
         )
+
+    def watch(self, client) -> None:
+        """Set ``cancelled`` once the fleet run is Cancelling or Cancelled (from the UI or
+        the API); until the fleet ends (``done``)."""
+        errors = 0
+        while not self.done.wait(POLL_SECONDS):
+            try:
+                state = client.read_flow_run(uuid.UUID(self.fleet_id)).state
+                errors = 0
+            except Exception as exc:  # noqa: BLE001 - the server may be restarting
+                errors += 1
+                if errors % READ_ERRORS == 0:
+                    self.logger.warning("cannot read the fleet run's state: %s", exc)
+                continue
+            if state is not None and (state.is_cancelling() or state.is_cancelled()):
+                self.logger.warning("fleet run cancelled: cancelling its child runs")
+                self.cancelled.set()
+                return
 
     def _row(self, vm: str, run, attempts: int) -> dict:
         state = run.state.name if run.state else "Unknown"
@@ -257,6 +346,21 @@ class _Fleet:
         return newest.kind, sum(d.object_size for d in newest.disks)
 
 
+def not_started(vm: str) -> dict:
+    """The row of a VM whose child was never created: the fleet was cancelled first."""
+    return {
+        "vm": vm,
+        "kind": "",
+        "bytes": None,
+        "stored": "",
+        "duration_s": 0,
+        "state": "Cancelled",
+        "attempts": 0,
+        "flow_run": "",
+        "message": "not started: the fleet run was cancelled",
+    }
+
+
 def run_fleet(
     kind: str,
     vms: list[str] | None,
@@ -268,6 +372,7 @@ def run_fleet(
     crash_attempts: int,
     skip: set[str] | None = None,
     pending_timeout: float = 300,
+    priority: str = "default",
 ):
     """The fleet: select, group, run each group's VMs, summarise. Returns the final state."""
     from hypersdk import config
@@ -285,17 +390,23 @@ def run_fleet(
     skipped = [v for v in vms if v in (skip or set())]
     todo = [v for v in vms if v not in (skip or set())]
     target = base.get("target") or config.default_target_url()
-    fleet = _Fleet(kind, deployment, base, crash_attempts, target, pending_timeout)
+    fleet = _Fleet(kind, deployment, base, crash_attempts, target, pending_timeout, priority)
     plan = plan_groups(todo, groups)
     started = time.monotonic()
-    for i, group in enumerate(plan, 1):
-        logger.info("group %d/%d: %d VM(s): %s", i, len(plan), len(group), ", ".join(group[:20]))
-        with ThreadPoolExecutor(min(max_parallel, len(group)), "fleet") as pool:
-            futures = [
-                pool.submit(contextvars.copy_context().run, fleet.run_vm, vm) for vm in group
-            ]
-            for f in futures:
-                f.result()
+    with _watching(fleet):
+        for i, group in enumerate(plan, 1):
+            if fleet.cancelled.is_set():
+                fleet.rows += [not_started(vm) for vm in group]
+                continue
+            logger.info(
+                "group %d/%d: %d VM(s): %s", i, len(plan), len(group), ", ".join(group[:20])
+            )
+            with ThreadPoolExecutor(min(max_parallel, len(group)), "fleet") as pool:
+                futures = [
+                    pool.submit(contextvars.copy_context().run, fleet.run_vm, vm) for vm in group
+                ]
+                for f in futures:
+                    f.result()
     rows = sorted(fleet.rows, key=lambda r: r["vm"])
     rows += [
         {
@@ -321,12 +432,35 @@ def run_fleet(
             f"{len(failed)} not, in {wall:.0f} s"
         ),
     )
+    if fleet.cancelled.is_set():
+        return Cancelled(
+            message=f"fleet run cancelled: {len(rows) - len(failed)} of {len(rows)} VM(s) done",
+            data=rows,
+        )
     if failed:
         return Failed(
             message=f"{len(failed)} of {len(rows)} VM(s) did not complete: {', '.join(failed[:20])}",
             data=rows,
         )
     return Completed(message=f"{len(rows)} VM(s) done in {wall:.0f} s", data=rows)
+
+
+@contextlib.contextmanager
+def _watching(fleet: _Fleet):
+    """A thread watching the fleet run's own state (a cancel) while the block runs."""
+    from prefect.client.orchestration import get_client
+
+    if not runtime.flow_run.id:  # not in a flow run: nothing can cancel it
+        yield
+        return
+    with get_client(sync_client=True) as client:
+        watcher = threading.Thread(target=fleet.watch, args=(client,), name="fleet-watch")
+        watcher.start()
+        try:
+            yield
+        finally:
+            fleet.done.set()
+            watcher.join()
 
 
 def _redo(fn_params: dict, redo_failed_of: str | None) -> tuple[dict, set[str]]:
@@ -362,11 +496,15 @@ def _backup_fleet(
     crash_attempts: Attempts = 3,
     pending_timeout: PendingTimeout = 300,
     redo_failed_of: str | None = None,
+    priority: Priority = "default",
+    window: TimeWindow = None,
 ):
     params, skip = _redo(dict(locals()), redo_failed_of)
     if isinstance(params.get("select"), dict):
         params["select"] = Selector.model_validate(params["select"])
-    base = _base(params, ("source", "target", "format", "full_every", "encryption", "verify"))
+    base = _base(
+        params, ("source", "target", "format", "full_every", "encryption", "verify", "window")
+    )
     return run_fleet(
         "backup",
         params.get("vms"),
@@ -378,6 +516,7 @@ def _backup_fleet(
         params["crash_attempts"],
         skip,
         params["pending_timeout"],
+        params.get("priority") or "default",
     )
 
 
@@ -397,13 +536,24 @@ def _migrate_fleet(
     crash_attempts: Attempts = 3,
     pending_timeout: PendingTimeout = 300,
     redo_failed_of: str | None = None,
+    priority: Priority = "default",
+    window: TimeWindow = None,
 ):
     params, skip = _redo(dict(locals()), redo_failed_of)
     if isinstance(params.get("select"), dict):
         params["select"] = Selector.model_validate(params["select"])
     base = _base(
         params,
-        ("source", "target", "format", "format_options", "incremental", "encryption", "verify"),
+        (
+            "source",
+            "target",
+            "format",
+            "format_options",
+            "incremental",
+            "encryption",
+            "verify",
+            "window",
+        ),
     )
     return run_fleet(
         "migrate",
@@ -416,6 +566,7 @@ def _migrate_fleet(
         params["crash_attempts"],
         skip,
         params["pending_timeout"],
+        params.get("priority") or "default",
     )
 
 
@@ -432,7 +583,17 @@ _backup_fleet.__doc__ = (
 _migrate_fleet.__doc__ = (
     "Migrate many VMs, each a run of the migrate-vm deployment.\n\n    Args:" + FLEET_DOCS
 )
-backup_fleet = flow(_backup_fleet, name="backup-fleet", log_prints=True, validate_parameters=True)
+backup_fleet = flow(
+    _backup_fleet,
+    name="backup-fleet",
+    log_prints=True,
+    validate_parameters=True,
+    on_cancellation=[_on_cancellation],
+)
 migrate_fleet = flow(
-    _migrate_fleet, name="migrate-fleet", log_prints=True, validate_parameters=True
+    _migrate_fleet,
+    name="migrate-fleet",
+    log_prints=True,
+    validate_parameters=True,
+    on_cancellation=[_on_cancellation],
 )

@@ -14,8 +14,10 @@ from flows.params import (
     FormatOptions,
     SourceUrl,
     TargetUrl,
+    TimeWindow,
     VmName,
 )
+from flows.window import wait_for_window
 from hypersdk.summary import MigrationResult
 
 DOC = (
@@ -40,7 +42,9 @@ def migrate_vm(
     incremental: bool = True,
     encryption: EncryptionRef = None,
     verify: bool = True,
+    window: TimeWindow = None,
 ) -> MigrationResult:
+    wait_for_window(window)  # outside it: rescheduled to its opening, or waits (flows/window)
     req = request_from("migrate-vm", locals())
     result = run_export(req)
     print(f"{result.kind} export of {result.vm}: {result.manifest}")

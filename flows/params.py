@@ -13,6 +13,7 @@ from pydantic import Field
 
 from hypersdk.crypto.keys import KeySpec
 from hypersdk.formats import output_formats
+from hypersdk.windows import MAX_SPEC
 
 # Every format a driver can write, as the run form's drop-down (and the API's enum).
 WRITABLE_FORMATS = tuple(output_formats())
@@ -25,6 +26,11 @@ FormatOptions = dict[str, str]
 FullEvery = Annotated[int, Field(ge=1, le=1000)]
 # A key *reference*: where the key is, never the key.
 EncryptionRef = KeySpec | None
+# When a run may start, e.g. "Mon-Fri 22:00-06:00 Europe/Paris" (hypersdk/windows.py parses it,
+# flows/window.py enforces it); None: any time.
+TimeWindow = Annotated[str | None, Field(min_length=1, max_length=MAX_SPEC)]
+# The work queue of the hypersdk-local pool a run goes to (deployments/queues.py).
+Priority = Literal["urgent", "default", "bulk"]
 
 PARAMETER_DOCS = """
         vm: The VM to export: its name or id on the source.
@@ -40,4 +46,7 @@ PARAMETER_DOCS = """
             {"method": "keyfile", "ref": "/etc/hypersdk/export.key"}; methods: keyfile,
             passphrase (a file), env (a variable), secret-block (a Prefect Secret), gpg.
         verify: Re-read the export after writing it and check every hash of its manifest.
+        window: When the run may start: "22:00-06:00", optional seconds, days and IANA time
+            zone ("Mon-Fri 22:00-06:00 Europe/Paris"; default UTC). A deployment run started
+            outside it goes back to Scheduled at its next opening. Empty: any time.
 """

@@ -105,3 +105,11 @@ class DecryptionError(CryptoError):
 
 class VerificationError(HyperSDKError):
     """An export does not match its manifest."""
+
+
+class Interrupted(HyperSDKError):
+    """The run was asked to stop (SIGTERM, SIGINT, a cancellation from the UI or API): the work
+    stopped at its next block and the cleanup ran (hypersdk.cancel). Not a failure, and nothing
+    a retry would heal."""
+
+    exit_code = 130

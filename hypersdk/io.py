@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol, runtime_checkable
 
+from hypersdk import cancel
 from hypersdk.errors import DiskReadError, TargetError, TargetFullError
 from hypersdk.extents import Extent, ExtentCollector, ExtentMap
 
@@ -441,10 +442,14 @@ def read_ahead(source, pieces, depth: int = 2):
             queue.append((piece, pool.submit(source.read, piece.offset, piece.length)))
             if len(queue) > depth:
                 head, fut = queue.popleft()
-                yield head, fut.result()
+                data = fut.result()
+                cancel.check()  # once per piece: a stopped run reads no more
+                yield head, data
         while queue:
             head, fut = queue.popleft()
-            yield head, fut.result()
+            data = fut.result()
+            cancel.check()
+            yield head, data
 
 
 def aligned_buffer(size: int) -> memoryview:
@@ -554,6 +559,7 @@ def read_pieces(
         while inflight:
             piece, view, buf, done = inflight.popleft()
             still_using = done.result()
+            cancel.check()  # once per piece: a stopped run (scan, convert, hash, verify) stops
             yield piece, view
             if still_using is not None:
                 still_using.result()

@@ -7,7 +7,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-
 MAX_DISK_BYTES = 1 << 50
 """1 PiB: beyond every hypervisor's and cloud's largest disk (64 TiB) and every format's. A size
 above it from a source (an API, a vm.json) is refused, never planned (maps, tables, allocations

@@ -25,6 +25,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from hypersdk import cancel
 from hypersdk.errors import HyperSDKError
 from hypersdk.io import IO_CHUNK, LOANS, Sink, aligned_buffer
 
@@ -116,6 +117,8 @@ class JobQueue:
                 self._jobs.put(_CLOSED)  # wake the next worker too
                 break
             fut, fn, args, nbytes = item
+            if self._error is None and cancel.requested():  # a stopped run reads no more
+                self._error = cancel.error()
             if self._error is not None or not fut.set_running_or_notify_cancel():
                 if not fut.done():
                     fut.set_exception(self._error or StageAborted("stream stopped"))
@@ -206,6 +209,7 @@ class Pipe:
     def _check(self) -> None:
         if self.error is not None:
             raise self.error
+        cancel.check()  # once per write: a stopped run converts no more
 
     def _waiting(self, get: Callable[[], Any], now: Callable[[], Any]) -> Any:
         try:
@@ -292,6 +296,7 @@ class Pipe:
             if failed is None:
                 started = time.perf_counter()
                 try:
+                    cancel.check()  # once per block: a stopped run uploads no more
                     if buf is None:
                         sink.write_zeros(n)
                     else:

@@ -9,14 +9,14 @@ retries are per disk: a transient failure (the error class says so) runs the dis
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import as_completed
+from prefect.futures import as_completed, wait
 
+from hypersdk import cancel
 from hypersdk.errors import HyperSDKError
 from hypersdk.formats import get_driver
 from hypersdk.manifest import DiskManifest, ParentLink
@@ -29,6 +29,7 @@ from providers.base import DiskChanges
 from tasks.common import RETRY_DELAYS, is_transient, stage_progress
 
 DISK_ATTEMPTS = 3  # a disk's stream is run again after a transient failure, up to this often
+STOP_WAIT = 10.0  # seconds a stopped run waits for its stages (each stops within one block)
 
 _STAGE_DOCS = {
     "download": "Read the planned extents of the source disk (all reads of the stream).",
@@ -69,12 +70,20 @@ def run_stages_as_tasks(stream: ExportStream, disk: str) -> None:
     task runner must have a thread for each). A stage task that ends without running (an
     orchestration failure) stops the others, so none waits forever."""
     futures = [STAGE_TASKS[name].submit(stream, disk) for name in stream.stage_names]
-    for fut in as_completed(futures):
-        outcome = fut.result(raise_on_failure=False)
-        if isinstance(outcome, BaseException) and stream.failure is None:
-            stream.abort(outcome)
-        elif not isinstance(outcome, dict) and stream.failure is None:
-            stream.abort(HyperSDKError(f"a stage task ended {fut.state.name}"))
+    try:
+        for fut in as_completed(futures):
+            outcome = fut.result(raise_on_failure=False)
+            if isinstance(outcome, BaseException) and stream.failure is None:
+                stream.abort(outcome)
+            elif not isinstance(outcome, dict) and stream.failure is None:
+                stream.abort(HyperSDKError(f"a stage task ended {fut.state.name}"))
+    except BaseException as exc:  # SIGTERM or Ctrl-C in this (the main) thread: stop them all
+        if cancel.is_stop(exc):
+            cancel.request(f"{type(exc).__name__} while exporting {disk}")
+        stream.abort(cancel.error() if cancel.requested() else exc)
+        # the stages stop within a block; the writer is aborted only once none writes to it
+        wait(futures, timeout=STOP_WAIT)
+        raise
     if stream.failure is not None:
         raise stream.failure
 
@@ -92,7 +101,8 @@ def with_disk_retries(what: str, attempt: Callable[[], Any]) -> Any:
             get_run_logger().warning(
                 "%s: attempt %d failed (%s): trying again in %d s", what, n + 1, exc, delay
             )
-            time.sleep(delay)
+            if cancel.wait(delay):  # a stop request ends the wait, and the run
+                raise cancel.error() from exc
     raise AssertionError("unreachable")
 
 

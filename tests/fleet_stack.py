@@ -1,5 +1,5 @@
 """A fleet stack for tests and benchmarks/fleet.py: a Prefect server on a PostgreSQL cluster,
-the work pool, the fleet deployments, the per-endpoint limits and the crashed-runs automation,
+the work pool, prefect.yaml's fleet deployments, the per-endpoint limits and the crashed-runs automation,
 N process workers; plus local VMs and the fleet run as a client process. Everything through
 deployments/ (the scripts an operator runs), stopped by PID."""
 
@@ -20,6 +20,8 @@ from tests.fixtures.prefect_server import free_port, prefect_env, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
+# prefect.yaml's fleet deployments: only these (no schedule, no trigger runs beside the fleet)
+FLEET_DEPLOYMENTS = ("fleet-member", "fleet", "migrate-fleet")
 
 
 @dataclass
@@ -80,7 +82,8 @@ def fleet_stack(
         prefect = str(Path(sys.executable).with_name("prefect"))
         _run([prefect, "work-pool", "create", "hypersdk-local", "--type", "process"], stack.env)
         _run(
-            [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/fleet.yaml"],
+            [prefect, "--no-prompt", "deploy", "--prefect-file", "prefect.yaml"]
+            + [arg for name in FLEET_DEPLOYMENTS for arg in ("--name", name)],
             stack.env,
         )
         from prefect.settings import PREFECT_API_URL, temporary_settings

@@ -1,6 +1,7 @@
 """prefect.yaml deployments on a real Prefect server, run by a real process worker: each one
 registered with its schedule, the retention deployment's trigger stored as an automation and
-firing when a nightly backup completes."""
+firing when a nightly backup completes, and the verify-after-backup trigger verifying the point
+that backup wrote (its parameters rendered from the triggering run's)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,20 @@ def test_prefect_yaml_declares_the_deployments():
     assert trigger["expect"] == ["prefect.flow-run.Completed"]
     assert by_name["verify"]["entrypoint"] == "flows/verify.py:verify_backups"
     assert by_name["verify"]["parameters"] == {"vm": "demo-vm", "at": "all"}
+    after = by_name["verify-after-backup"]
+    assert after["entrypoint"] == "flows/verify.py:verify_backups"
+    [trigger] = after["triggers"]
+    assert trigger["expect"] == ["prefect.flow-run.Completed"]
+    assert trigger["match_related"] == {
+        "prefect.resource.role": "flow",
+        "prefect.resource.name": "backup-vm",
+    }  # every deployment of backup-vm: nightly, fleet-member, ...
+    assert trigger["parameters"]["vm"] == "{{ flow_run.parameters.vm }}"
+    assert trigger["parameters"]["at"] == "latest"
+    assert by_name["fleet-member"]["entrypoint"] == "flows/backup.py:backup_vm"
+    assert by_name["fleet"]["entrypoint"] == "flows/fleet.py:backup_fleet"
+    assert by_name["migrate-fleet"]["entrypoint"] == "flows/fleet.py:migrate_fleet"
+    assert not (ROOT / "deployments" / "fleet.yaml").exists()  # one file deploys everything
     assert by_name["restore"]["entrypoint"] == "flows/restore.py:restore_vm"
     assert "schedules" not in by_name["restore"]
     for d in by_name.values():
@@ -106,10 +121,18 @@ def _assert_registered(api: str) -> None:
                 "verify-backups/verify",
                 "restore-vm/restore",
                 "estimate-cost/cost",
+                "verify-backups/verify-after-backup",
+                "backup-vm/fleet-member",
+                "backup-fleet/fleet",
+                "migrate-fleet/migrate-fleet",
             )
         }
         forget = by_name["forget-backups/forget"]
         automations = client.read_resource_related_automations(f"prefect.deployment.{forget.id}")
+        after = by_name["verify-backups/verify-after-backup"]
+        [verify_automation] = client.read_resource_related_automations(
+            f"prefect.deployment.{after.id}"
+        )
     assert _schedules(by_name["backup-vm/nightly"]) == [("0 2 * * *", "UTC", True)]
     assert _schedules(by_name["verify-backups/verify"]) == [("0 4 * * 0", "UTC", True)]
     for name in (
@@ -117,6 +140,9 @@ def _assert_registered(api: str) -> None:
         "restore-vm/restore",
         "migrate-vm/on-demand",
         "estimate-cost/cost",
+        "verify-backups/verify-after-backup",
+        "backup-vm/fleet-member",
+        "backup-fleet/fleet",
     ):
         assert _schedules(by_name[name]) == [], name
     assert forget.parameters == {
@@ -136,6 +162,10 @@ def _assert_registered(api: str) -> None:
     assert {"prefect.resource.role": "flow", "prefect.resource.name": "backup-vm"} in related
     [action] = automation.actions
     assert action.type == "run-deployment" and action.deployment_id == forget.id
+    assert verify_automation.name == "verify-after-backup" and verify_automation.enabled
+    assert verify_automation.trigger.expect == {"prefect.flow-run.Completed"}
+    [action] = verify_automation.actions
+    assert action.type == "run-deployment" and action.deployment_id == after.id
 
 
 def _flow_runs(api: str, flow_name: str) -> list[dict]:
@@ -157,6 +187,24 @@ def _wait_for_completed_run(api: str, flow_name: str, timeout: float = 180) -> d
             return done[0]
         assert time.monotonic() < deadline, runs
         assert not any(r["state_type"] in ("FAILED", "CRASHED") for r in runs), runs
+        time.sleep(1)
+
+
+def _automation_runs(api: str, deployment: str) -> list[dict]:
+    [dep] = _post(api, "/deployments/filter", {"deployments": {"name": {"any_": [deployment]}}})
+    return _post(api, "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [dep["id"]]}}})
+
+
+def _wait_for_automation_run(api: str, deployment: str, timeout: float = 240) -> dict:
+    """The one run of ``deployment`` once final (an automation creates it; the triggering event
+    reaches the trigger a few seconds after the run completes)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = _automation_runs(api, deployment)
+        final = [r for r in runs if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")]
+        if final:
+            return final[0]
+        assert time.monotonic() < deadline, runs
         time.sleep(1)
 
 
@@ -252,6 +300,30 @@ def test_deploy_run_with_worker(prefect_server, tmp_path, qemu_img):
         ]
         [row] = json.loads(table["data"])  # the nightly's point, kept
         assert row["decision"] == "kept" and "daily snapshot" in row["reasons"], row
+
+        # ... and the verify-after-backup automation verifies the point it wrote, with the
+        # triggering run's parameters (the VM, the target: none, so the default)
+        [point] = [m.parent.name for m in (home / "exports" / "demo-vm").glob("*/manifest.json")]
+        verify_run = _wait_for_automation_run(api, "verify-after-backup")
+        assert verify_run["parameters"]["vm"] == "demo-vm", verify_run["parameters"]
+        assert verify_run["parameters"]["at"] == "latest"
+        assert verify_run["parameters"].get("target") is None
+        assert verify_run["created_by"]["type"] == "AUTOMATION", verify_run["created_by"]
+        assert verify_run["state_type"] == "COMPLETED", verify_run["state"]
+        [table] = [
+            a
+            for a in _post(
+                api,
+                "/artifacts/filter",
+                {"artifacts": {"flow_run_id": {"any_": [verify_run["id"]]}}},
+            )
+            if a["type"] == "table"
+        ]
+        [row] = json.loads(table["data"])
+        assert row["export id"] == point and row["verdict"].startswith("OK ("), row
+        # the migration and the triggered runs (forget, verify) are no backup-vm runs: one
+        # verify run only
+        assert len(_automation_runs(api, "verify-after-backup")) == 1
     finally:
         stop(worker)
         worker_log.close()

@@ -79,7 +79,7 @@ def test_groups_failures_and_redo(prefect_server, tmp_path):
             "--no-prompt",
             "deploy",
             "--prefect-file",
-            "deployments/fleet.yaml",
+            "prefect.yaml",
             "--name",
             "fleet-member",
         ],

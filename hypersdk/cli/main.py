@@ -25,8 +25,9 @@ if os.environ.get("HYPERSDK_VERBOSE") != "1":
 
 import click
 
+from hypersdk import cancel
 from hypersdk.cli.common import Group
-from hypersdk.errors import HyperSDKError
+from hypersdk.errors import HyperSDKError, Interrupted
 
 app = Group(
     name="hyperctl",
@@ -57,22 +58,23 @@ def _fail(label: str, message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    cancel.stop_on_sigterm()  # SIGTERM stops a command as Ctrl-C does (docs/cancel.md)
     try:
         # Without standalone mode click returns exit codes and raises errors for us to print.
         code = app.main(args=argv, standalone_mode=False)
         if isinstance(code, int) and code:
             return code
+    except (KeyboardInterrupt, Interrupted):  # Ctrl-C: 130, SIGTERM: 143
+        _fail("interrupted:", cancel.left_behind())
+        return cancel.exit_code()
     except HyperSDKError as exc:
         _fail("error:", str(exc))
         return exc.exit_code
-    except KeyboardInterrupt:
-        _fail("interrupted:", "nothing was published under a final name")
-        return 130
     except click.exceptions.Abort as exc:
         # click turns Ctrl-C (and EOF at a prompt) inside a command into Abort
         if isinstance(exc.__cause__, KeyboardInterrupt):
-            _fail("interrupted:", "nothing was published under a final name")
-            return 130
+            _fail("interrupted:", cancel.left_behind())
+            return cancel.exit_code()
         _fail("aborted", "")
         return 1
     except click.exceptions.ClickException as exc:  # usage errors: click's message, exit 2
