@@ -333,3 +333,42 @@ def test_malformed_change_id_is_a_full_export(vm_root):
     with src.snapshot("web01") as snap:
         changes = src.changed_extents(snap, disk, "../../../../victim/x")
     assert not changes.incremental and "malformed" in changes.note
+
+
+def test_the_snapshot_of_a_killed_run_is_removed_by_the_next_one_a_live_one_is_not(vm_root):
+    """SIGKILL leaves a run no chance to remove its snapshot directory: the next snapshot of
+    the VM removes it (its run's lock died with it), never one a live run still holds."""
+    import signal
+    import sys
+
+    hold = (
+        "import sys, time\n"
+        "from providers import open_source\n"
+        "snap = open_source(sys.argv[1]).create_snapshot('web01')\n"
+        "print(snap.provider_data['snap_dir'], flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", hold, f"local://{vm_root}"], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    try:
+        killed, live = (run.stdout.readline().strip() for run in runs)
+        assert os.path.isdir(killed) and os.path.isdir(live)
+        runs[0].send_signal(signal.SIGKILL)
+        runs[0].wait(timeout=30)
+        src = open_source(f"local://{vm_root}")
+        with src.snapshot("web01") as snap:
+            assert not os.path.exists(killed)  # the dead run's snapshot is gone
+            assert os.path.isdir(live)  # the live run's is untouched
+            assert os.path.isdir(snap.provider_data["snap_dir"])
+        assert not os.path.exists(snap.provider_data["snap_dir"])
+    finally:
+        for run in runs:
+            run.kill()
+            run.wait(timeout=30)
+    # once its run is gone too, the next snapshot removes the other one
+    with open_source(f"local://{vm_root}").snapshot("web01"):
+        assert not os.path.exists(live)

@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import shutil
 import stat
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -68,6 +70,7 @@ KEEP_MAPS = 8  # change maps kept per disk: older change ids fall back to a full
 FICLONE = 0x40049409
 _TRUE = {"1", "true", "yes", "on"}
 _RESOLVE_ONLY = ReferencePolicy(allow_outside=True)  # LocalSource._check_inside decides
+log = logging.getLogger(__name__)
 
 
 def _read_description(vm_dir: Path) -> bytes:
@@ -238,8 +241,11 @@ class LocalSource(Source):
         vm_dir = self.vm_dir(vm)
         info = load_vm(vm_dir)
         snap_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
-        snap_dir = self._state_dir(vm_dir, "snapshots") / snap_id
+        snaps = self._state_dir(vm_dir, "snapshots")
+        _sweep_dead_snapshots(snaps)
+        snap_dir = snaps / snap_id
         snap_dir.mkdir(exist_ok=False)
+        _hold(snap_dir)
         disks, files, stamps = [], {}, {}
         cloned = True
         try:
@@ -268,6 +274,7 @@ class LocalSource(Source):
                     stamps.setdefault(name, _stamp(Path(files[name])))
         except BaseException:
             shutil.rmtree(snap_dir, ignore_errors=True)
+            _release(snap_dir)
             raise
         return Snapshot(
             id=snap_id,
@@ -287,6 +294,7 @@ class LocalSource(Source):
         vm_dir = snap.provider_data.get("vm_dir", "")
         if snap_dir and vm_dir and Path(snap_dir).parent == Path(vm_dir) / STATE_DIR / "snapshots":
             shutil.rmtree(snap_dir, ignore_errors=True)  # only a snapshot directory of ours
+            _release(Path(snap_dir))
 
     def verify_snapshot(self, snap: Snapshot) -> None:
         for name, stamp in snap.provider_data.get("stamps", {}).items():
@@ -417,6 +425,63 @@ class LocalSource(Source):
             if old.stem not in keep:
                 with contextlib.suppress(OSError):  # a planted directory stays where it is
                     old.unlink(missing_ok=True)
+
+
+# -- snapshots of runs that died ----------------------------------------------------------------
+# A run killed with SIGKILL (a worker's grace period ran out, a machine lost) cannot remove its
+# snapshot directory, and on a reflink filesystem its clones hold space as the VM writes. Each
+# live snapshot directory holds an flock on its HOLD file for as long as this process keeps it:
+# the kernel drops the lock when the process dies, so the next snapshot of the VM removes every
+# directory whose lock it can take. A directory without the file (a run killed between mkdir
+# and the lock) is removed once it is an hour old.
+HOLD = ".held"
+ORPHAN_AGE = 3600.0
+_held: dict[str, int] = {}  # snapshot directory -> fd of its lock, for this process's snapshots
+_held_lock = threading.Lock()
+
+
+def _hold(snap_dir: Path) -> None:
+    fd = os.open(snap_dir / HOLD, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a new directory: nobody else holds it
+    with _held_lock:
+        _held[str(snap_dir)] = fd
+
+
+def _release(snap_dir: Path) -> None:
+    with _held_lock:
+        fd = _held.pop(str(snap_dir), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _sweep_dead_snapshots(snaps: Path) -> None:
+    """Remove the snapshot directories whose run died (their lock is free)."""
+    with _held_lock:
+        ours = set(_held)
+    with contextlib.suppress(OSError), os.scandir(snaps) as entries:
+        for entry in entries:
+            if entry.path in ours or not entry.is_dir(follow_symlinks=False):
+                continue
+            try:
+                fd = os.open(
+                    os.path.join(entry.path, HOLD), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                )
+            except FileNotFoundError:
+                with contextlib.suppress(OSError):
+                    if time.time() - entry.stat(follow_symlinks=False).st_mtime > ORPHAN_AGE:
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                continue
+            except OSError:
+                continue  # a planted symlink or an unreadable file: not ours to judge
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live run holds it
+            else:
+                log.info("removing the snapshot %s of a run that died", entry.name)
+                shutil.rmtree(entry.path, ignore_errors=True)
+            finally:
+                os.close(fd)
 
 
 SOURCE = LocalSource
