@@ -185,6 +185,20 @@ def test_snapshot_removed_on_success_and_failure(vcsim, src):
     assert snapshot_names(vcsim, vm) == []
 
 
+def test_a_dead_runs_snapshot_is_removed_by_the_next_snapshot(vcsim, src, monkeypatch):
+    """A run killed outright leaves its hypersdk- snapshot; the next snapshot of the VM removes
+    every one of ours older than STALE_SECONDS (a day; 0 here, so the first counts as old)."""
+    from providers.vsphere import snapshots
+
+    vm = "DC0_C0_RP0_VM1"
+    dead = src.create_snapshot(vm)  # never removed: its run "died"
+    monkeypatch.setattr(snapshots, "STALE_SECONDS", 0.0)
+    with src.snapshot(vm) as snap:
+        assert snapshot_names(vcsim, vm) == [snap.provider_data["name"]]
+    assert dead.provider_data["name"] != snap.provider_data["name"]
+    assert snapshot_names(vcsim, vm) == []
+
+
 def test_remove_snapshot_from_another_process_view(vcsim, src):
     """A Snapshot carried across tasks (serialised) is removed by a fresh source."""
     from hypersdk.models import Snapshot

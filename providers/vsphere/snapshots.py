@@ -13,6 +13,10 @@ from providers.vsphere.inventory import disks_of
 
 log = logging.getLogger(__name__)
 PREFIX = "hypersdk-"
+# A snapshot of ours this old belongs to a run that died (SIGKILL, a lost worker) before it could
+# remove it: no export or CBT stun cycle lasts a day. The next snapshot of the VM removes it, so a
+# dead run's delta disks do not grow on the datastore for ever.
+STALE_SECONDS = 24 * 3600.0
 
 
 def _find_by_name(tree, name: str):
@@ -29,6 +33,7 @@ def create(session, vm_ref, info: VMInfo, purpose: str = "export") -> Snapshot:
     """Take a snapshot; its disks (with their CBT change ids) come from the snapshot's config."""
     from pyVmomi import vim, vmodl
 
+    _remove_stale(vm_ref, info.name)
     snap_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
     name = PREFIX + snap_id
     tools = info.annotations.get("tools") == "guestToolsRunning"
@@ -85,6 +90,27 @@ def remove_ref(ref) -> bool:
     except (vmodl.fault.ManagedObjectNotFound, vim.fault.NotFound):
         return False
     return True
+
+
+def _walk(tree):
+    for node in tree or []:
+        yield node
+        yield from _walk(node.childSnapshotList)
+
+
+def _remove_stale(vm_ref, vm_name: str) -> None:
+    """Remove the snapshots of ours older than STALE_SECONDS (best effort: never fails a run)."""
+    try:
+        snap = vm_ref.snapshot
+        now = time.time()
+        for node in list(_walk(snap.rootSnapshotList if snap else [])):
+            if node.name.startswith(PREFIX) and now - node.createTime.timestamp() > STALE_SECONDS:
+                log.warning(
+                    "removing snapshot %s of VM %s, left by a run that died", node.name, vm_name
+                )
+                remove_ref(node.snapshot)
+    except Exception as exc:  # noqa: BLE001 - the export goes on; the next run tries again
+        log.warning("could not remove stale snapshots of VM %s: %s", vm_name, exc)
 
 
 def _remove_named(vm_ref, name: str) -> None:
