@@ -102,6 +102,10 @@ def _start(kind: str):
         with _lock:
             if run_id in _runs:  # a retry of the run: its job goes on
                 return
+        from flows.window import will_defer
+
+        if will_defer((flow_run.parameters or {}).get("window"), flow_run):
+            return  # outside its window: back to Scheduled, it starts (and says so) later
         try:
             from hypersdk.progress import subscribe
             from hypersdk.webhooks import (

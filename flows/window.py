@@ -77,12 +77,24 @@ def _own_deployment_run():
     leave and be picked up again), else None."""
     ctx = FlowRunContext.get()
     run = ctx.flow_run if ctx is not None else None
-    if run is None or run.deployment_id is None:
-        return None
+    return run if run is not None and _handed_back_possible(run) else None
+
+
+def _handed_back_possible(run) -> bool:
     # the worker (or `prefect flow-run execute`) names the run it starts the engine for
-    if os.environ.get("PREFECT__FLOW_RUN_ID") != str(run.id):
-        return None
-    return run
+    return run.deployment_id is not None and os.environ.get("PREFECT__FLOW_RUN_ID") == str(run.id)
+
+
+def will_defer(window: str | None, run) -> bool:
+    """Will the guard hand ``run`` back to Scheduled (a deployment run outside its window)? The
+    state hooks ask, so a deferred attempt announces no job start (it has not started)."""
+    if not window or not _handed_back_possible(run):
+        return False
+    try:
+        opens = parse_window(window).next_open(datetime.now(UTC))
+    except Exception:  # noqa: BLE001 - a bad window fails the run in the guard, not here
+        return False
+    return (opens - datetime.now(UTC)).total_seconds() >= WAIT_BELOW_SECONDS
 
 
 def _reschedule(run, win: Window, opens: datetime):

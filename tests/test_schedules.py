@@ -333,6 +333,27 @@ def stack(prefect_server, tmp_path_factory):
             httpx.delete(f"{api}/deployments/{cron_id}", timeout=30)
 
 
+def test_only_a_deferred_deployment_attempt_skips_the_job_start_event(monkeypatch):
+    """The webhooks' job.started hook asks the guard first: a deployment run about to be handed
+    back to Scheduled has not started; a run inside its window, or a plain call that waits in
+    its process (and then starts), has."""
+    from types import SimpleNamespace
+
+    from flows.window import will_defer
+
+    now = datetime.now(UTC)
+    later = f"{now + timedelta(minutes=10):%H:%M:%S}-{now + timedelta(minutes=20):%H:%M:%S}"
+    inside = f"{now - timedelta(minutes=5):%H:%M:%S}-{now + timedelta(minutes=30):%H:%M:%S}"
+    run = SimpleNamespace(id="0b5e", deployment_id="d1")
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "0b5e")
+    assert will_defer(later, run)
+    assert not will_defer(inside, run) and not will_defer(None, run)
+    assert not will_defer("not a window", run)  # the guard fails the run with one line
+    monkeypatch.delenv("PREFECT__FLOW_RUN_ID")
+    assert not will_defer(later, run)  # a plain call: it waits here, then starts
+    assert not will_defer(later, SimpleNamespace(id="0b5e", deployment_id=None))
+
+
 def test_deploy_step_creates_priority_queues(stack):
     from deployments.queues import ensure_queues
 
