@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 import time
 
-import httpx
+from tests.fixtures.prefect_server import api_post as _post
 
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 STAGES = ("download", "convert", "upload")
@@ -29,12 +29,6 @@ def latest_flow_run(api: str, flow_name: str) -> str:
     )
     assert runs, f"no run of {flow_name}"
     return runs[0]["id"]
-
-
-def _post(api: str, path: str, body: dict) -> list[dict]:
-    res = httpx.post(f"{api}{path}", json=body, timeout=30)
-    res.raise_for_status()
-    return res.json()
 
 
 def read_story(api: str, run_id: str) -> dict:

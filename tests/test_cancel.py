@@ -20,7 +20,6 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
@@ -31,7 +30,7 @@ from hypersdk.io import IO_CHUNK, FileRangeReader
 from hypersdk.pipeline import export_stream
 from hypersdk.verify import stored_object_problem
 from providers.sources.local import create_vm
-from tests.fixtures.prefect_server import stop
+from tests.fixtures.prefect_server import api_request, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
@@ -236,7 +235,7 @@ def _prefect(env: dict, *args: str) -> subprocess.CompletedProcess:
 
 
 def _state(api: str, run_id) -> dict:
-    return httpx.get(f"{api}/flow_runs/{run_id}", timeout=30).json()["state"]
+    return api_request("GET", f"{api}/flow_runs/{run_id}").json()["state"]
 
 
 def _wait_final(api: str, run_id, timeout: float = 300) -> tuple[dict, float]:

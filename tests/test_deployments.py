@@ -12,12 +12,12 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import yaml
 
 from hypersdk.imagegen import write_realistic_disk
 from providers.sources.local import create_vm
 from tests import qemu
+from tests.fixtures.prefect_server import api_post as _post
 from tests.fixtures.prefect_server import stop
 from tests.run_story import assert_tells_the_story, latest_flow_run
 
@@ -170,12 +170,6 @@ def _assert_registered(api: str) -> None:
 
 def _flow_runs(api: str, flow_name: str) -> list[dict]:
     return _post(api, "/flow_runs/filter", {"flows": {"name": {"any_": [flow_name]}}})
-
-
-def _post(api: str, path: str, body: dict) -> list[dict]:
-    res = httpx.post(f"{api}{path}", json=body, timeout=30)
-    res.raise_for_status()
-    return res.json()
 
 
 def _wait_for_completed_run(api: str, flow_name: str, timeout: float = 180) -> dict:

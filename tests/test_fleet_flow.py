@@ -10,21 +10,15 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-import httpx
 import pytest
 
 from deployments import workers as fleet_workers
 from deployments.limits import setup as setup_limits
+from tests.fixtures.prefect_server import api_post as _post
 from tests.fixtures.prefect_server import stop
 from tests.fleet_stack import make_vms
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _post(api: str, path: str, body: dict) -> list[dict]:
-    res = httpx.post(f"{api}{path}", json=body, timeout=30)
-    res.raise_for_status()
-    return res.json()
 
 
 def _fleet(env: dict, log: Path, **params) -> tuple[str, str]:

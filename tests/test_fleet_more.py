@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from deployments import workers as fleet_workers
@@ -21,18 +20,13 @@ from deployments.limits import setup as setup_limits
 from flows.fleet import CANCELLED_BY_FLEET
 from hypersdk.fleet.limits import source_limit_name
 from tests import qemu
-from tests.fixtures.prefect_server import stop
+from tests.fixtures.prefect_server import api_post as _post
+from tests.fixtures.prefect_server import api_request, stop
 from tests.fleet_stack import make_vms
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 WAIT = 300  # generous: child runs take 30-60 s each on a loaded 2-core machine
-
-
-def _post(api: str, path: str, body: dict) -> list[dict]:
-    res = httpx.post(f"{api}{path}", json=body, timeout=30)
-    res.raise_for_status()
-    return res.json()
 
 
 def _children(api: str, run_id: str) -> dict[str, dict]:
@@ -194,8 +188,7 @@ def _busy_source(api: str, home: Path, vms_dir: str, names: list[str]):
 def _cancelled_by_fleet(api: str, run_id: str) -> bool:
     """Whether the fleet (its watch or its hook) cancelled the run, not Prefect's own cleanup
     (which says "The parent flow run was cancelled.")."""
-    res = httpx.get(f"{api}/flow_run_states/", params={"flow_run_id": run_id}, timeout=30)
-    res.raise_for_status()
+    res = api_request("GET", f"{api}/flow_run_states/", params={"flow_run_id": run_id})
     return any(st["message"] == CANCELLED_BY_FLEET for st in res.json())
 
 

@@ -13,10 +13,10 @@ import signal
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests import qemu
+from tests.fixtures.prefect_server import api_post as _post
 from tests.fleet_stack import fleet_stack, make_vms, start_fleet
 
 VMS = [f"vm{i:02d}" for i in range(1, 25)]
@@ -59,12 +59,6 @@ def most_at_once(trace: Path, killed_at: float) -> tuple[int, int]:
         now += step
         most = max(most, now)
     return most, len(spans)
-
-
-def _post(api: str, path: str, body: dict) -> list[dict]:
-    res = httpx.post(f"{api}{path}", json=body, timeout=30)
-    res.raise_for_status()
-    return res.json()
 
 
 def test_overlap_counts_killed_sections_until_the_kill(tmp_path):

@@ -15,10 +15,9 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import httpx
-
 from tests import qemu
 from tests.fixtures.moto_server import ACCESS_KEY, SECRET_KEY
+from tests.fixtures.prefect_server import api_request
 from tests.fleet_stack import make_vms
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,11 +144,8 @@ def _run_flow(env: dict, flow: str, **params) -> tuple[str, str, str]:
 def _task_run(api: str, run_id: str, name: str) -> tuple[dict, list[str]]:
     """The flow run's task run called ``name`` and the names of its states, oldest first."""
     body = {"flow_runs": {"id": {"any_": [run_id]}}, "task_runs": {"name": {"any_": [name]}}}
-    res = httpx.post(f"{api}/task_runs/filter", json=body, timeout=30)
-    res.raise_for_status()
-    [task_run] = res.json()
-    res = httpx.get(f"{api}/task_run_states/", params={"task_run_id": task_run["id"]}, timeout=30)
-    res.raise_for_status()
+    [task_run] = api_request("POST", f"{api}/task_runs/filter", json=body).json()
+    res = api_request("GET", f"{api}/task_run_states/", params={"task_run_id": task_run["id"]})
     states = sorted(res.json(), key=lambda s: s["timestamp"])
     return task_run, [s["name"] for s in states]
 

@@ -33,7 +33,8 @@ from hypersdk.imagegen import write_realistic_disk
 from hypersdk.windows import next_open, parse_window
 from providers.sources.local import create_vm
 from tests import qemu
-from tests.fixtures.prefect_server import stop
+from tests.fixtures.prefect_server import api_post as _post
+from tests.fixtures.prefect_server import api_request, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
@@ -181,21 +182,12 @@ def _client(api: str):
         yield client
 
 
-def _post(api: str, path: str, body: dict) -> list[dict]:
-    res = httpx.post(f"{api}{path}", json=body, timeout=30)
-    res.raise_for_status()
-    return res.json()
-
-
 def _run(api: str, run_id: str) -> dict:
-    res = httpx.get(f"{api}/flow_runs/{run_id}", timeout=30)
-    res.raise_for_status()
-    return res.json()
+    return api_request("GET", f"{api}/flow_runs/{run_id}").json()
 
 
 def _states(api: str, run_id: str) -> list[dict]:
-    res = httpx.get(f"{api}/flow_run_states/", params={"flow_run_id": run_id}, timeout=30)
-    res.raise_for_status()
+    res = api_request("GET", f"{api}/flow_run_states/", params={"flow_run_id": run_id})
     return sorted(res.json(), key=lambda s: s["timestamp"])
 
 
@@ -248,8 +240,7 @@ def _wait_for_worker(api: str, queue: str, timeout: float = WAIT) -> None:
     """Until a worker polls ``queue`` (a worker takes seconds to start on a loaded machine)."""
     deadline = time.monotonic() + timeout
     while True:
-        res = httpx.get(f"{api}/work_pools/hypersdk-local/queues/{queue}", timeout=30)
-        res.raise_for_status()
+        res = api_request("GET", f"{api}/work_pools/hypersdk-local/queues/{queue}")
         if res.json().get("last_polled"):
             return
         assert time.monotonic() < deadline, f"no worker polls {queue}"
