@@ -165,13 +165,16 @@ def atomic_file(path: str | os.PathLike, cache: str = "writeback") -> Iterator[F
     except OSError as exc:
         raise target_error(directory, exc) from None
     tmp = temp_name(path)
+    fd, sink, published, ours = -1, None, False, True
+    # the temporary file is removed whatever stops us from the moment it may exist: a Ctrl-C
+    # (KeyboardInterrupt) can land between any two bytecodes, even right after the create
     try:
-        fd, direct = _create(tmp, cache == "none" and hasattr(os, "O_DIRECT"))
-    except OSError as exc:
-        raise target_error(path, exc) from None
-    published = False
-    sink = DirectFileSink(fd, path) if direct else FileSink(fd, path)
-    try:
+        try:
+            fd, direct = _create(tmp, cache == "none" and hasattr(os, "O_DIRECT"))
+        except OSError as exc:
+            ours = exc.errno != errno.EEXIST  # a file already there is not ours to remove
+            raise target_error(path, exc) from None
+        sink = DirectFileSink(fd, path) if direct else FileSink(fd, path)
         yield sink
         sink.finish()
         try:
@@ -190,10 +193,11 @@ def atomic_file(path: str | os.PathLike, cache: str = "writeback") -> Iterator[F
         if cache != "unsafe":
             fsync_dir(directory)
     finally:
-        sink.close()
+        if sink is not None:
+            sink.close()
         if fd >= 0:
             os.close(fd)
-        if not published:
+        if not published and ours:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
 

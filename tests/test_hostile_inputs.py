@@ -314,6 +314,21 @@ def test_existing_temp_name_is_never_opened(tmp_path, monkeypatch, planted):
         assert tmp.read_bytes() == b"someone's file"
 
 
+@pytest.mark.parametrize("cache", ["writeback", "none"])
+def test_ctrl_c_right_after_the_temp_file_is_created_leaves_nothing(tmp_path, monkeypatch, cache):
+    """A KeyboardInterrupt can land between any two bytecodes: right after the create (here:
+    while the sink is set up), the temporary file is removed all the same."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic, "FileSink", interrupted)
+    monkeypatch.setattr(atomic, "DirectFileSink", interrupted)
+    with pytest.raises(KeyboardInterrupt), atomic_file(tmp_path / "out.qcow2", cache):
+        pass
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("cache", ["writeback", "none", "unsafe"])
 def test_temp_file_is_private_until_published_and_hidden(tmp_path, cache):
     target = LocalTarget(str(tmp_path), cache=cache)
