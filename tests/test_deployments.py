@@ -18,7 +18,7 @@ from hypersdk.imagegen import write_realistic_disk
 from providers.sources.local import create_vm
 from tests import qemu
 from tests.fixtures.prefect_server import api_post as _post
-from tests.fixtures.prefect_server import stop
+from tests.fixtures.prefect_server import deploy_all, stop
 from tests.run_story import assert_tells_the_story, latest_flow_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -209,15 +209,7 @@ def test_deploy_run_with_worker(prefect_server, tmp_path, qemu_img):
     vm_dir = create_vm(home / "vms", "db01", {"disk0": 16 * MiB + 4096})
     write_realistic_disk(vm_dir / "disk0.img", 16 * MiB + 4096, seed=21)
 
-    boot = subprocess.run(
-        [sys.executable, "-m", "deployments.bootstrap"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert boot.returncode == 0, boot.stdout + boot.stderr
+    deploy_all(env)
     listed = _prefect(env, "deployment", "ls")
     assert "migrate-vm/on-demand" in listed.stdout and "backup-vm/nightly" in listed.stdout
     _assert_registered(api)

@@ -19,7 +19,7 @@ from pathlib import Path
 from hypersdk.doctor import Options, diagnose, worst
 from hypersdk.doctor.endpoints import Endpoint, check_space, check_target, collect_endpoints
 from hypersdk.doctor.model import Result, run_bounded, scrub
-from tests.fixtures.prefect_server import free_port, stop
+from tests.fixtures.prefect_server import deploy_all, free_port, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "hsdk-doctor-very-secret-" + uuid.uuid4().hex
@@ -307,15 +307,7 @@ def test_server_pool_workers_deployments_limits(prefect_server, tmp_path, monkey
     vms = tmp_path / "vms"
     vms.mkdir()
     source = f"local://{vms}"
-    boot = subprocess.run(
-        [sys.executable, "-m", "deployments.bootstrap"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert boot.returncode == 0, boot.stdout + boot.stderr
+    deploy_all(env)
 
     monkeypatch.setenv("PREFECT_API_URL", api)
     monkeypatch.setenv("HYPERSDK_HOME", str(tmp_path / "home"))

@@ -34,7 +34,7 @@ from hypersdk.windows import next_open, parse_window
 from providers.sources.local import create_vm
 from tests import qemu
 from tests.fixtures.prefect_server import api_post as _post
-from tests.fixtures.prefect_server import api_request, stop
+from tests.fixtures.prefect_server import api_request, deploy_all, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
@@ -274,15 +274,7 @@ def stack(prefect_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("schedules")
     home = tmp / "hshome"
     env = {**env, "HYPERSDK_HOME": str(home)}
-    boot = subprocess.run(
-        [sys.executable, "-m", "deployments.bootstrap"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert boot.returncode == 0, boot.stdout + boot.stderr
+    boot = deploy_all(env)
     assert "urgent (priority 1), default (priority 2), bulk (priority 3)" in boot.stdout
 
     cron_vm = _vm(home, "cron01", seed=60, size=2 * MiB)
